@@ -1,0 +1,127 @@
+"""``nested-learning`` (also ``python -m nested_learning``): train, eval, generate, demo.
+
+Configs are YAML files (see ``configs/``) mapped onto :class:`TrainConfig`; any ``key=value`` after the options
+overrides a field, and an unknown key or a bad value is an error that names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nested-learning", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (single process, or DDP under torchrun)")
+    t.add_argument("--config", help="YAML config file (keys of TrainConfig)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=transformer max_steps=100")
+
+    e = sub.add_parser("eval", help="validation/test perplexity of a checkpoint")
+    e.add_argument("--checkpoint", required=True, help="run directory (uses its latest checkpoint) or step_* dir")
+    e.add_argument("--split", default="val", choices=["val", "test"])
+    e.add_argument("--batches", type=int, default=50)
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint")
+    g.add_argument("--checkpoint", required=True)
+    g.add_argument("--prompt", default="The")
+    g.add_argument("--max-new-tokens", type=int, default=50)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--seed", type=int, default=0)
+
+    d = sub.add_parser("demo", help="the main job: train small models on the corpus and write a report")
+    d.add_argument("--models", default=None, help="comma-separated model names (default: the demo's list)")
+    d.add_argument("--steps", type=int, default=None)
+    d.add_argument("--out-dir", default=None)
+    d.add_argument("--max-docs", type=int, default=None, help="use only the first N documents (quick runs)")
+    d.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
+    return p
+
+
+def _load_run(checkpoint: str):
+    from nested_learning.models import build_model
+    from nested_learning.training import TrainConfig, apply_overrides
+    from nested_learning.training.checkpoint import latest_checkpoint, load_checkpoint
+
+    path = Path(checkpoint)
+    if not (path / "model.safetensors").exists():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise SystemExit(f"no checkpoint found in {path}")
+        path = found
+    import torch
+
+    meta = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    config = apply_overrides(TrainConfig(), meta["config"])
+    model = build_model(config.model, config.size, **config.model_overrides)
+    load_checkpoint(path, model)
+    return model.eval(), config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from nested_learning.training import load_config, parse_overrides
+
+    if args.command == "train":
+        from nested_learning.training import Trainer
+
+        config = load_config(args.config, args.overrides)
+        summary = Trainer(config).train()
+        print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+        return 0
+
+    if args.command == "eval":
+        from nested_learning.data import load_tokens
+        from nested_learning.training import evaluate_loss
+
+        model, config = _load_run(args.checkpoint)
+        tokens = load_tokens(args.split, config.max_docs)
+        loss = evaluate_loss(model, tokens, config.eval_batch_size, config.seq_len, args.batches,
+                             next(model.parameters()).device)
+        print(json.dumps({"split": args.split, "loss": loss, "perplexity": math.exp(min(loss, 50))}))
+        return 0
+
+    if args.command == "generate":
+        import torch
+
+        from nested_learning.data import get_tokenizer
+
+        model, _ = _load_run(args.checkpoint)
+        tok = get_tokenizer()
+        ids = torch.tensor([tok.encode(args.prompt)])
+        out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             generator=torch.Generator().manual_seed(args.seed))
+        print(tok.decode(out[0].tolist()))
+        return 0
+
+    if args.command == "demo":
+        from nested_learning.demo import DemoConfig, run_demo
+
+        demo = DemoConfig()
+        if args.models:
+            demo.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+        if args.steps is not None:
+            demo.steps = args.steps
+        if args.out_dir:
+            demo.out_dir = args.out_dir
+        demo.max_docs = args.max_docs
+        run_demo(demo, parse_overrides(args.overrides))
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""A pre-norm residual language model over any sequence mixer: the shared skeleton of every model.
+
+``x -> embed -> N x [x + mixer(norm(x)); x + mlp(norm(x))] -> norm -> tied LM head``. The mixer follows the layer
+contract ``y, state = mixer(x, state)``; the model's state is the list of mixer states plus the stream position, so
+streaming equals one shot whenever every mixer's does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from nested_learning.memory.state import LayerState
+from nested_learning.models.base import LanguageModel, ModelOutput, check_input_ids, lm_loss
+from nested_learning.models.layers import RMSNorm
+
+
+@dataclasses.dataclass
+class LMState(LayerState):
+    layers: list  # one LayerState (or None) per block
+    position: int = 0
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, mixer: nn.Module, mlp: nn.Module, norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm1, self.mixer = RMSNorm(dim, norm_eps), mixer
+        self.norm2, self.mlp = RMSNorm(dim, norm_eps), mlp
+
+    def forward(self, x: torch.Tensor, state=None):
+        y, state = self.mixer(self.norm1(x), state)
+        x = x + y
+        return x + self.mlp(self.norm2(x)), state
+
+
+class BlockLM(LanguageModel):
+    """Embedding, a stack of :class:`Block`, final norm and a head tied to the embedding."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        n_layers: int,
+        make_mixer: Callable[[int], nn.Module],
+        make_mlp: Callable[[int], nn.Module],
+        max_seq_len: int | None = None,
+        norm_eps: float = 1e-6,
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        self.vocab_size, self.dim, self.max_seq_len = vocab_size, dim, max_seq_len
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList(Block(dim, make_mixer(i), make_mlp(i), norm_eps) for i in range(n_layers))
+        self.norm = RMSNorm(dim, norm_eps)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        self.head.weight = self.embed.weight
+        self._init_weights(init_std, n_layers)
+
+    def _init_weights(self, std: float, n_layers: int) -> None:
+        # GPT-2 style: small normal init, residual output projections scaled down with depth.
+        for name, p in self.named_parameters():
+            if p.dim() >= 2 and not getattr(p, "_no_reinit", False):
+                scale = 1 / math.sqrt(2 * n_layers) if name.endswith(("out.weight", "down.weight")) else 1.0
+                nn.init.normal_(p, mean=0.0, std=std * scale)
+
+    def forward(self, input_ids: torch.Tensor, state: LMState | None = None, labels: torch.Tensor | None = None):
+        check_input_ids(input_ids, self.vocab_size)
+        position = 0 if state is None else state.position
+        if self.max_seq_len is not None and position + input_ids.shape[1] > self.max_seq_len:
+            raise ValueError(
+                f"stream length {position + input_ids.shape[1]} exceeds the model's limit of {self.max_seq_len} tokens"
+            )
+        layer_states = [None] * len(self.blocks) if state is None else state.layers
+        x = self.embed(input_ids)
+        new_states = []
+        for block, st in zip(self.blocks, layer_states):
+            x, st = block(x, st)
+            new_states.append(st)
+        logits = self.head(self.norm(x))
+        loss = lm_loss(logits, labels) if labels is not None else None
+        return ModelOutput(logits, loss, LMState(new_states, position + input_ids.shape[1]))
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n

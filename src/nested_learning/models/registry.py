@@ -1,0 +1,36 @@
+"""Models by name and size, as the trainer, the CLI and the experiment scripts ask for them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn as nn
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str):
+    def deco(fn):
+        _BUILDERS[name] = fn
+        return fn
+
+    return deco
+
+
+def model_names() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def build_model(name: str, size: str = "tiny", **overrides) -> nn.Module:
+    """``build_model("transformer", "tiny", dim=64)``; unknown names raise ``ValueError`` listing the valid ones."""
+    key = name.lower().replace("-", "_")
+    if key not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; choose from {model_names()}")
+    return _BUILDERS[key](size, **overrides)
+
+
+@register_model("transformer")
+def _transformer(size: str, **overrides):
+    from nested_learning.models.transformer import TransformerPP
+
+    return TransformerPP.from_preset(size, **overrides)

@@ -1,0 +1,239 @@
+"""One model-agnostic trainer: any model that follows ``out = model(input_ids, labels=labels)`` trains here.
+
+Features: optimizer by name (``nested_learning.optimizers.build_optimizer``), warmup + cosine schedule, gradient
+clipping and accumulation, evaluation every N steps, a progress bar with loss and tokens/s, CSV and TensorBoard logs,
+crash-safe checkpoints with exact resume, DDP under torchrun, and non-finite losses skipped (training stops after
+``max_bad_steps`` in a row, the last good checkpoint intact).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from nested_learning.training import checkpoint as ckpt
+from nested_learning.training.config import TrainConfig
+from nested_learning.training.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    init_distributed,
+    unwrap,
+    wrap_model,
+)
+from nested_learning.training.schedule import warmup_cosine
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised after ``max_bad_steps`` non-finite losses in a row."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, tokens: np.ndarray, batch_size: int, seq_len: int,
+                  max_batches: int | None, device: torch.device) -> float:
+    """Mean next-token loss (nats) over deterministic non-overlapping windows of ``tokens``."""
+    from nested_learning.data import eval_batches
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in eval_batches(tokens, batch_size, seq_len, max_batches):
+        out = model(x.to(device), labels=y.to(device))
+        total += float(out.loss) * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    if count == 0:
+        raise ValueError(f"evaluation split of {len(tokens)} tokens is too short for seq_len {seq_len}")
+    return total / count
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, model: torch.nn.Module | None = None,
+                 train_tokens: np.ndarray | None = None, val_tokens: np.ndarray | None = None):
+        from nested_learning.data import TokenBatcher, load_tokens
+        from nested_learning.models import build_model
+        from nested_learning.optimizers import build_optimizer
+
+        self.config = config
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)
+        self.dist: DistInfo = init_distributed(self.device)
+        torch.manual_seed(config.seed)
+        if model is None:
+            model = build_model(config.model, config.size, **config.model_overrides)
+        self.model = model.to(self.device)
+        self.ddp_model = wrap_model(self.model, self.dist, self.device)
+        self.train_tokens = train_tokens if train_tokens is not None else load_tokens("train", config.max_docs)
+        self.val_tokens = val_tokens if val_tokens is not None else load_tokens("val", config.max_docs)
+        self.batcher = TokenBatcher(self.train_tokens, config.batch_size, config.seq_len, seed=config.seed,
+                                    rank=self.dist.rank, world_size=self.dist.world_size)
+        opt_kwargs: dict[str, Any] = {}
+        if config.optimizer in ("adamw", "adam"):
+            opt_kwargs["betas"] = tuple(config.betas)
+        self.optimizer = build_optimizer(config.optimizer, self.model, lr=config.lr,
+                                         weight_decay=config.weight_decay, **opt_kwargs)
+        self.scheduler = warmup_cosine(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+        self.out_dir = Path(config.out_dir)
+        self.step = 0
+        self.bad_in_a_row = 0
+        self.history: list[dict[str, float]] = []
+        if config.resume:
+            self._resume()
+
+    # ----------------------------------------------------------------- checkpoints
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "data": self.batcher.state_dict(),
+            "bad_in_a_row": self.bad_in_a_row,
+            "history": self.history,
+            "config": dataclasses.asdict(self.config),
+        }
+
+    def save(self) -> Path | None:
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(self.out_dir, self.step, unwrap(self.model), self._trainer_state(),
+                                        keep=self.config.keep_checkpoints)
+        barrier(self.dist)
+        return path
+
+    def _resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.out_dir)
+        if path is None:
+            return
+        state = ckpt.load_checkpoint(path, unwrap(self.model), map_location=self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        self.batcher.load_state_dict(state["data"])
+        self.step, self.bad_in_a_row = state["step"], state["bad_in_a_row"]
+        self.history = state["history"]
+
+    # ----------------------------------------------------------------- logging
+    def _open_logs(self):
+        if not self.dist.is_main:
+            return None, None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        writer = None
+        if self.config.tensorboard:
+            with contextlib.suppress(ImportError):
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+        return writer, self.out_dir / "metrics.csv"
+
+    def _log(self, row: dict[str, float], writer, csv_path: Path | None) -> None:
+        self.history.append(row)
+        if csv_path is None:
+            return
+        fields = ["step", "loss", "lr", "tokens_per_s", "val_loss", "skipped"]
+        new = not csv_path.exists()
+        with csv_path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            if new:
+                w.writeheader()
+            w.writerow({k: row.get(k, "") for k in fields})
+        if writer is not None:
+            for k, v in row.items():
+                if k != "step" and v is not None and not (isinstance(v, float) and math.isnan(v)):
+                    writer.add_scalar(f"train/{k}" if k != "val_loss" else "val/loss", v, row["step"])
+
+    # ----------------------------------------------------------------- training
+    def evaluate(self) -> float:
+        c = self.config
+        return evaluate_loss(self.model, self.val_tokens, c.eval_batch_size, c.seq_len, c.eval_batches, self.device)
+
+    def _train_step(self) -> tuple[float, bool]:
+        """One optimizer step (with accumulation); returns (mean loss, whether the step was applied)."""
+        c = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(c.grad_accum):
+            x, y = self.batcher.next_batch()
+            x, y = x.to(self.device), y.to(self.device)
+            sync = self.dist.enabled and micro < c.grad_accum - 1
+            with self.ddp_model.no_sync() if sync else contextlib.nullcontext():
+                loss = self.ddp_model(x, labels=y).loss / c.grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        loss_value = float(all_reduce_mean(loss_sum, self.dist))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip if c.grad_clip > 0 else 1e30)
+        finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss_value, finite
+
+    def train(self) -> dict[str, Any]:
+        c = self.config
+        writer, csv_path = self._open_logs()
+        tokens_per_step = c.batch_size * c.seq_len * c.grad_accum * self.dist.world_size
+        bar = tqdm(total=c.max_steps, initial=self.step, disable=not (c.progress and self.dist.is_main),
+                   desc=f"train {c.model}", dynamic_ncols=True)
+        t_start, steps_timed = time.perf_counter(), 0
+        val_loss = float("nan")
+        try:
+            while self.step < c.max_steps:
+                t0 = time.perf_counter()
+                loss, applied = self._train_step()
+                self.step += 1
+                steps_timed += 1
+                tps = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+                row: dict[str, Any] = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                                       "tokens_per_s": tps, "skipped": int(not applied)}
+                if applied:
+                    self.bad_in_a_row = 0
+                else:
+                    self.bad_in_a_row += 1
+                    tqdm.write(f"step {self.step}: non-finite loss or gradient ({loss}); step skipped")
+                    if self.bad_in_a_row >= c.max_bad_steps:
+                        raise TrainingDiverged(
+                            f"{self.bad_in_a_row} non-finite steps in a row at step {self.step}; training stopped. "
+                            f"The last good checkpoint in {self.out_dir} is intact."
+                        )
+                if c.eval_every and (self.step % c.eval_every == 0 or self.step == c.max_steps):
+                    val_loss = self.evaluate()
+                    row["val_loss"] = val_loss
+                self._log(row, writer, csv_path)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+                if c.save_every and self.step % c.save_every == 0:
+                    self.save()
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        elapsed = time.perf_counter() - t_start
+        if c.save_every:
+            self.save()
+        if math.isnan(val_loss):
+            val_loss = self.evaluate()
+        return {
+            "steps": self.step,
+            "val_loss": val_loss,
+            "val_ppl": math.exp(min(val_loss, 50)),
+            "tokens_per_s": tokens_per_step * steps_timed / max(elapsed, 1e-9),
+            "train_seconds": elapsed,
+            "history": self.history,
+        }
