@@ -1,0 +1,22 @@
+"""Data: English corpora and GPT-2 tokenizer from installed packages, cached token streams, LM batches.
+
+``load_lm_documents`` -> ``get_tokenizer`` -> ``load_tokens`` (uint16 memmap cache) -> ``TokenBatcher`` /
+``eval_batches``. ``load_classification_set`` gives the labelled sets for continual learning.
+"""
+
+from .corpus import available_sets, load_classification_set, load_lm_documents
+from .lm_batches import TokenBatcher, eval_batches
+from .token_cache import load_tokens
+from .tokenizer import get_tokenizer
+from .unigram import unigram_perplexity
+
+__all__ = [
+    "TokenBatcher",
+    "available_sets",
+    "eval_batches",
+    "get_tokenizer",
+    "load_classification_set",
+    "load_lm_documents",
+    "load_tokens",
+    "unigram_perplexity",
+]

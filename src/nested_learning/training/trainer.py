@@ -79,8 +79,15 @@ class Trainer:
             model = build_model(config.model, config.size, **config.model_overrides)
         self.model = model.to(self.device)
         self.ddp_model = wrap_model(self.model, self.dist, self.device)
-        self.train_tokens = train_tokens if train_tokens is not None else load_tokens("train", config.max_docs)
-        self.val_tokens = val_tokens if val_tokens is not None else load_tokens("val", config.max_docs)
+        if train_tokens is None or val_tokens is None:
+            # Rank 0 builds the token cache once; the other ranks then read it instead of repeating the work.
+            if not self.dist.is_main:
+                barrier(self.dist)
+            train_tokens = train_tokens if train_tokens is not None else load_tokens("train", config.max_docs)
+            val_tokens = val_tokens if val_tokens is not None else load_tokens("val", config.max_docs)
+            if self.dist.is_main:
+                barrier(self.dist)
+        self.train_tokens, self.val_tokens = train_tokens, val_tokens
         self.batcher = TokenBatcher(self.train_tokens, config.batch_size, config.seq_len, seed=config.seed,
                                     rank=self.dist.rank, world_size=self.dist.world_size)
         opt_kwargs: dict[str, Any] = {}
