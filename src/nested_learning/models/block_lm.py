@@ -50,6 +50,7 @@ class BlockLM(LanguageModel):
         max_seq_len: int | None = None,
         norm_eps: float = 1e-6,
         init_std: float = 0.02,
+        reinit_mixers: bool = True,
     ):
         super().__init__()
         self.vocab_size, self.dim, self.max_seq_len = vocab_size, dim, max_seq_len
@@ -58,14 +59,19 @@ class BlockLM(LanguageModel):
         self.norm = RMSNorm(dim, norm_eps)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         self.head.weight = self.embed.weight
-        self._init_weights(init_std, n_layers)
+        self._init_weights(init_std, n_layers, reinit_mixers)
 
-    def _init_weights(self, std: float, n_layers: int) -> None:
-        # GPT-2 style: small normal init, residual output projections scaled down with depth.
-        for name, p in self.named_parameters():
-            if p.dim() >= 2 and not getattr(p, "_no_reinit", False):
-                scale = 1 / math.sqrt(2 * n_layers) if name.endswith(("out.weight", "down.weight")) else 1.0
-                nn.init.normal_(p, mean=0.0, std=std * scale)
+    def _init_weights(self, std: float, n_layers: int, reinit_mixers: bool) -> None:
+        # GPT-2 style: small normal init, residual output projections scaled down with depth. Memory layers
+        # keep their own initialisation (gate biases, zero fast-weight inits) unless asked otherwise.
+        nn.init.normal_(self.embed.weight, mean=0.0, std=std)
+        for block in self.blocks:
+            modules = [block.mlp] + ([block.mixer] if reinit_mixers else [])
+            for module in modules:
+                for name, p in module.named_parameters():
+                    if p.dim() >= 2:
+                        last = name.endswith(("out.weight", "down.weight"))
+                        nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * n_layers) if last else std)
 
     def forward(self, input_ids: torch.Tensor, state: LMState | None = None, labels: torch.Tensor | None = None):
         check_input_ids(input_ids, self.vocab_size)

@@ -34,3 +34,17 @@ def _transformer(size: str, **overrides):
     from nested_learning.models.transformer import TransformerPP
 
     return TransformerPP.from_preset(size, **overrides)
+
+
+@register_model("titans")
+def _titans(size: str, **overrides):
+    from nested_learning.models.recurrent_lms import build_titans
+
+    return build_titans(size, **overrides)
+
+
+@register_model("deltanet")
+def _deltanet(size: str, **overrides):
+    from nested_learning.models.recurrent_lms import build_deltanet
+
+    return build_deltanet(size, **overrides)
