@@ -192,8 +192,11 @@ class Trainer:
         self.scheduler.step()
         return loss_value, finite
 
-    def train(self) -> dict[str, Any]:
+    def train(self, until: int | None = None) -> dict[str, Any]:
+        """Train to ``max_steps`` (or stop after step ``until``, as an interrupted run would; the schedule still
+        follows ``max_steps``, so resuming continues exactly)."""
         c = self.config
+        last = c.max_steps if until is None else min(until, c.max_steps)
         writer, csv_path = self._open_logs()
         tokens_per_step = c.batch_size * c.seq_len * c.grad_accum * self.dist.world_size
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not (c.progress and self.dist.is_main),
@@ -201,7 +204,7 @@ class Trainer:
         t_start, steps_timed = time.perf_counter(), 0
         val_loss = float("nan")
         try:
-            while self.step < c.max_steps:
+            while self.step < last:
                 t0 = time.perf_counter()
                 loss, applied = self._train_step()
                 self.step += 1
@@ -215,6 +218,7 @@ class Trainer:
                     self.bad_in_a_row += 1
                     tqdm.write(f"step {self.step}: non-finite loss or gradient ({loss}); step skipped")
                     if self.bad_in_a_row >= c.max_bad_steps:
+                        self._log(row, writer, csv_path)
                         raise TrainingDiverged(
                             f"{self.bad_in_a_row} non-finite steps in a row at step {self.step}; training stopped. "
                             f"The last good checkpoint in {self.out_dir} is intact."
@@ -225,7 +229,7 @@ class Trainer:
                 self._log(row, writer, csv_path)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-                if c.save_every and self.step % c.save_every == 0:
+                if c.save_every and self.step % c.save_every == 0 and applied:
                     self.save()
         finally:
             bar.close()
