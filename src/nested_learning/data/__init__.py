@@ -20,3 +20,10 @@ __all__ = [
     "load_tokens",
     "unigram_perplexity",
 ]
+
+# Synthetic tasks (MAD, formal languages), needle-in-a-haystack instances and class-incremental streams.
+from .continual import make_stream  # noqa: E402
+from .niah import NIAH_TASKS, make_instance, make_instances  # noqa: E402
+from .synthetic import make_examples, task_names  # noqa: E402
+
+__all__ += ["NIAH_TASKS", "make_examples", "make_instance", "make_instances", "make_stream", "task_names"]
