@@ -42,3 +42,10 @@ def test_cli_reports_bad_override(capsys):
 
 def test_apply_overrides_keeps_defaults():
     assert apply_overrides(TrainConfig(), {}) == TrainConfig()
+
+
+def test_cli_passes_experiment_arguments_through(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["report", "--help"])
+    assert exc.value.code == 0
+    assert "--preset" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""``nested-learning`` (also ``python -m nested_learning``): train, eval, generate, demo.
+"""``nested-learning`` (also ``python -m nested_learning``): train, eval, generate, demo, report and experiments.
 
 Configs are YAML files (see ``configs/``) mapped onto :class:`TrainConfig`; any ``key=value`` after the options
 overrides a field, and an unknown key or a bad value is an error that names it.
@@ -40,6 +40,8 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out-dir", default=None)
     d.add_argument("--max-docs", type=int, default=None, help="use only the first N documents (quick runs)")
     d.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
+    for name, (_, help_text) in PASSTHROUGH.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return p
 
 
@@ -63,7 +65,22 @@ def _load_run(checkpoint: str):
     return model.eval(), config
 
 
+# Subcommands whose arguments belong to an experiment's own parser: ``nested-learning report --preset quick``.
+PASSTHROUGH = {
+    "report": ("nested_learning.report", "every suite for every model: results/REPORT.md with plots"),
+    "train-lm": ("nested_learning.evaluation.language_modeling", "experiments/train_lm.py"),
+    "continual": ("nested_learning.evaluation.continual", "experiments/continual_learning.py"),
+    "long-context": ("nested_learning.evaluation.long_context", "experiments/long_context.py"),
+    "synthetic": ("nested_learning.evaluation.synthetic_suite", "MAD and formal-language suites"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        import importlib
+
+        return importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:])
     args = _build_parser().parse_args(argv)
     try:
         return _run(args)
