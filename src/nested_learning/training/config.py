@@ -29,6 +29,7 @@ class TrainConfig:
     grad_accum: int = 1
     # optimisation
     optimizer: str = "adamw"
+    optimizer_kwargs: dict = dataclasses.field(default_factory=dict)
     lr: float = 3e-3
     weight_decay: float = 0.1
     betas: tuple = (0.9, 0.95)

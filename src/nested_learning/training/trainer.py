@@ -93,6 +93,7 @@ class Trainer:
         opt_kwargs: dict[str, Any] = {}
         if config.optimizer in ("adamw", "adam"):
             opt_kwargs["betas"] = tuple(config.betas)
+        opt_kwargs.update(config.optimizer_kwargs)
         self.optimizer = build_optimizer(config.optimizer, self.model, lr=config.lr,
                                          weight_decay=config.weight_decay, **opt_kwargs)
         self.scheduler = warmup_cosine(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
