@@ -1,0 +1,32 @@
+"""Timing helpers shared by the benchmark scripts.
+
+Benchmarks report ratios measured in one run (see DESIGN.md), so they time a reference (an fp32 matmul, a
+recurrent loop) next to the thing under test. Times are the fastest of ``iters`` runs: on a shared machine
+other processes only ever add time, so the minimum is the most repeatable estimate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def time_fn(fn: Callable[[], object], warmup: int = 1, iters: int = 3) -> float:
+    """Seconds taken by one call of ``fn`` (fastest of ``iters`` after ``warmup`` untimed calls)."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(max(iters, 1)):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_flops_per_s(n: int = 1024, dtype: torch.dtype = torch.float32, iters: int = 5) -> float:
+    """Achieved FLOP/s of one (n, n) @ (n, n) matmul (2 n^3 FLOPs) at the current torch thread count."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / time_fn(lambda: a @ b, warmup=2, iters=iters)

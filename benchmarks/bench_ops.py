@@ -1,0 +1,144 @@
+"""Chunked vs recurrent delta rule (Eq 65/88/93) on CPU, with the chunked form's FLOP/s against a same-run matmul.
+
+    python benchmarks/bench_ops.py [--threads 2] [--chunk-size 64] [--quick]
+
+Shapes: B=1, H=4, Dk=Dv=d=64, fp32, unit keys, eta in (0, 1), alpha in (0.9, 1).
+
+FLOP count of the chunked algorithm, per token and head, forward (matmuls only, 2 FLOPs per multiply-add; C is the
+chunk size, d = Dk = Dv):
+    intra-chunk, 10 C d:  K K^T (2Cd), Q K^T (2Cd), applying the inverse of (I + L) to [eta V, eta K] (4Cd),
+                          the masked (Q K^T) U (2Cd)
+    state, 6 d^2:         W K S^T to form U (2d^2), Q S^T (2d^2), the state update U^T K (2d^2)
+This is the standard count for the WY chunked form (it applies the inverse of (I + L) as a dense C x C matrix);
+"fraction" uses it. The implementation executes 8Cd + 6d^2 (its two triangular solves cost 2Cd together), about 12%
+less at C = d, so "fraction" overstates the executed rate by that much: "executed" is the fraction on the FLOPs
+actually performed. Forward+backward is counted as 3x the forward.
+
+OpenMP threads wait passively by default (OMP_WAIT_POLICY=PASSIVE unless set): on a machine whose cores are shared
+with other jobs, spinning threads that get descheduled make small ops many times slower and the timings erratic.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first import of torch
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import matmul_flops_per_s, time_fn  # noqa: E402
+
+from nested_learning.ops import delta_rule  # noqa: E402
+
+B, H, D = 1, 4, 64
+
+
+def make_inputs(T: int, requires_grad: bool = False):
+    q = torch.randn(B, T, H, D)
+    k = F.normalize(torch.randn(B, T, H, D), dim=-1)
+    v = torch.randn(B, T, H, D)
+    eta = torch.rand(B, T, H)
+    alpha = 0.9 + 0.1 * torch.rand(B, T, H)
+    xs = (q, k, v, eta, alpha)
+    return tuple(x.requires_grad_(requires_grad) for x in xs)
+
+
+def forward_flops(T: int, C: int) -> float:
+    """The standard count of the WY chunked form."""
+    return (10 * C * D + 6 * D * D) * T * H
+
+
+def executed_flops(T: int, C: int) -> float:
+    """What this implementation performs: triangular solves instead of a dense inverse."""
+    return (8 * C * D + 6 * D * D) * T * H
+
+
+def runner(mode: str, T: int, C: int, backward: bool):
+    xs = make_inputs(T, requires_grad=backward)
+    # Dense output gradients, as a real loss gives: o.sum() would hand backward stride-0 gradients, which send
+    # CPU bmm down a per-matrix path and time something no training run does.
+    grad_o, grad_S = torch.randn(B, T, H, D), torch.randn(B, H, D, D)
+
+    def run():
+        o, S = delta_rule(*xs, chunk_size=C, mode=mode)
+        if backward:
+            torch.autograd.backward((o, S), (grad_o, grad_S))
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument(
+        "--iters",
+        type=int,
+        default=5,
+        help="timed runs of the chunked form at the longest T (shorter T get proportionally more; fastest kept)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="short smoke run: T in {256, 1024}, one timed run"
+    )
+    parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 512 2048 8192)")
+    parser.add_argument("--no-backward", action="store_true", help="time the forward pass only")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    C = args.chunk_size
+    lengths = args.lengths or ((256, 1024) if args.quick else (512, 2048, 8192))
+    iters = 1 if args.quick else args.iters
+    rec_max_T = 1024 if args.quick else 2048  # longer recurrent runs are extrapolated linearly in T
+    print(
+        f"delta rule, B={B} H={H} Dk=Dv={D} fp32, chunk_size={C}, threads={args.threads}, fastest of >= {iters},"
+        f" OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"{'T':>6} {'pass':>8} {'chunk ms':>10} {'recur ms':>10} {'ratio':>8} {'GFLOP/s':>9} {'matmul':>9} {'fraction':>9} {'executed':>9}"
+    )
+
+    rec_per_token = {}
+    for T in lengths:
+        for backward in (False,) if args.no_backward else (False, True):
+            name = "fwd+bwd" if backward else "fwd"
+            # Matmul rate measured right before and after, the larger kept: the fraction errs low, not high.
+            # Short runs are repeated more: the fastest of many is the best estimate on a busy machine.
+            chunk_iters = iters * max(1, max(lengths) // T)
+            mm_before = matmul_flops_per_s(iters=iters + 2)
+            t_chunk = time_fn(runner("chunk", T, C, backward), warmup=1, iters=chunk_iters)
+            mm = max(mm_before, matmul_flops_per_s(iters=iters + 2))
+            if T <= rec_max_T or name not in rec_per_token:
+                rec_iters = min(chunk_iters, 1 if backward else 3)  # a few seconds per run at T=2048
+                t_rec = time_fn(runner("recurrent", T, C, backward), warmup=0, iters=rec_iters)
+                rec_per_token[name] = t_rec / T
+                rec_note = ""
+            else:
+                t_rec = rec_per_token[name] * T
+                rec_note = "*"
+            passes = 3 if backward else 1
+            rate = forward_flops(T, C) * passes / t_chunk
+            executed = executed_flops(T, C) * passes / t_chunk
+            print(
+                f"{T:>6} {name:>8} {t_chunk * 1e3:>10.1f} {t_rec * 1e3:>9.0f}{rec_note or ' '} {t_rec / t_chunk:>7.1f}x"
+                f" {rate / 1e9:>9.1f} {mm / 1e9:>9.1f} {rate / mm:>8.0%} {executed / mm:>8.0%}"
+            )
+    if any(T > rec_max_T for T in lengths):
+        print(f"* recurrent time extrapolated linearly from T={rec_max_T} (per-token cost), not measured")
+    print(
+        "recurrent: fastest of 3 runs (forward) or 1 run (forward+backward); chunked: fastest of >= --iters"
+    )
+    print("matmul: fp32 1024x1024 @ 1024x1024 in the same run; fraction = chunk GFLOP/s / matmul GFLOP/s,")
+    print(
+        "GFLOP/s and fraction on the standard count 10Cd + 6d^2; executed: on the 8Cd + 6d^2 actually performed"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Delta rule / DGD on a matrix memory: the token-by-token reference and the public entry point.
+
+Eq 56-57 applied to a matrix memory S with keys as inputs and values as targets (Eq 88 and the L2 branch of
+Eq 93, with the gradient taken at S_{t-1}); with alpha = 1 it is DeltaNet (Eq 65):
+
+    S_t = S_{t-1} (alpha_t I - eta_t k_t k_t^T) + eta_t v_t k_t^T
+        = alpha_t S_{t-1} + eta_t (v_t - S_{t-1} k_t) k_t^T
+
+Here eta is the step of the closed form (eta' of Eq 57): the exact minimiser of Eq 56 with raw step lr uses
+eta = lr / (1 + lr ||k||^2), see ``dgd_step``.
+
+Read-out: o_t = S_t q_t (read="after") or o_t = S_{t-1} q_t (read="before", Eq 83's y_t = M_{t-1}(q_t)).
+
+Stable range: L2-normalised keys, eta_t in (0, 1], alpha_t in (0, 1]. Then the transition alpha_t I - eta_t k k^T
+has eigenvalues alpha_t (multiplicity Dk - 1) and alpha_t - eta_t, both in (-1, 1], so the state stays bounded.
+alpha must be > 0 (the chunked form uses log alpha).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import check_inputs, check_options, compute_dtype
+from .delta_rule_chunk import delta_rule_chunk
+
+
+def delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eta: torch.Tensor,
+    alpha: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    output_final_state: bool = True,
+    mode: str = "chunk",
+    read: str = "after",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the (gated) delta rule over a sequence (Eq 56-57, 65, 88, 93).
+
+    Args:
+        q, k: (B, T, H, Dk) queries and keys (keys should be L2-normalised).
+        v: (B, T, H, Dv) values (the regression targets).
+        eta: (B, T, H) step sizes, alpha: (B, T, H) retention (None means 1).
+        initial_state: (B, H, Dv, Dk) or None (zeros).
+        chunk_size: tokens per chunk in ``mode="chunk"``; any T is allowed.
+        output_final_state: return S_T (else None).
+        mode: ``"chunk"`` (chunk-parallel WY form) or ``"recurrent"`` (token loop, the reference).
+        read: ``"after"``: o_t = S_t q_t; ``"before"``: o_t = S_{t-1} q_t.
+
+    Returns:
+        o: (B, T, H, Dv) in q's dtype; S_T: (B, H, Dv, Dk) in fp32 (fp64 for fp64 inputs) or None.
+    """
+    check_options(mode, read, chunk_size)
+    check_inputs(q, k, v, {"eta": eta, "alpha": alpha}, initial_state)
+    dtype = compute_dtype(q, k, v, eta, alpha, initial_state)
+    # The state recursion must stay in fp32 even inside an autocast region.
+    with torch.autocast(q.device.type, enabled=False):
+        if mode == "recurrent":
+            o, S = _delta_rule_recurrent(q, k, v, eta, alpha, initial_state, read, dtype)
+        else:
+            o, S = delta_rule_chunk(q, k, v, eta, alpha, initial_state, chunk_size, read, dtype)
+    return o.to(q.dtype), (S if output_final_state else None)
+
+
+def _delta_rule_recurrent(q, k, v, eta, alpha, initial_state, read, dtype):
+    """Token loop of Eq 88/93 (L2 branch): S <- alpha S + eta (v - S k) k^T, the rank-one form of
+    S (alpha I - eta k k^T) + eta v k^T. Shapes as in ``delta_rule``."""
+    B, T, H, Dk = k.shape
+    Dv = v.shape[-1]
+    q, k, v, eta = (x.to(dtype) for x in (q, k, v, eta))
+    alpha = None if alpha is None else alpha.to(dtype)
+    S = q.new_zeros(B, H, Dv, Dk) if initial_state is None else initial_state.to(dtype)
+    outputs = []
+    for t in range(T):
+        if read == "before":
+            outputs.append(S @ q[:, t, :, :, None])
+        k_t = k[:, t, :, :, None]  # (B, H, Dk, 1)
+        error = v[:, t, :, :, None] - S @ k_t  # v_t - S_{t-1} k_t: (B, H, Dv, 1)
+        decayed = S if alpha is None else alpha[:, t, :, None, None] * S
+        S = decayed + eta[:, t, :, None, None] * error @ k_t.mT
+        if read == "after":
+            outputs.append(S @ q[:, t, :, :, None])
+    o = torch.stack(outputs, dim=1).squeeze(-1) if T else v.new_zeros(B, 0, H, Dv)
+    return o, S
