@@ -1,0 +1,205 @@
+"""Titans' long-term neural memory, trained in context by mini-batch gradient descent with momentum and decay.
+
+Per head, with q, k L2-normalised projections of the (convolved) input and v a plain projection:
+
+    loss          l_t(M) = ||M(k_t) - v_t||^2                       (associative loss)
+    surprise      S_t = eta_t S_{t-1} - theta_t grad l_t(M_{c})    (momentum eta_t, learning rate theta_t)
+    memory        M_t = (1 - alpha_t) M_{t-1} + S_t                (retention 1 - alpha_t)
+    read          y_t = M_t(q_t)
+
+where M_c is the memory at the start of t's chunk (Eq 90: all gradients of one chunk are taken at the chunk's
+starting weights, so they are independent of each other and computed in one batched pass). theta_t =
+max_lr * sigmoid(.), eta_t = sigmoid(.), alpha_t = sigmoid(.) are per token and per head.
+
+Chunk-parallel form. With the gradients fixed, the two recurrences are linear with scalar coefficients, so over a
+segment of n tokens starting from (M_0, S_0) (both recurrences unrolled; E_t = prod_{j<=t} eta_j, F_t = prod_{j<=t}
+(1 - alpha_j), products restarted at the segment start):
+
+    S_t = E_t S_0 - sum_{i<=t} (E_t / E_i) theta_i g_i
+    M_t = F_t M_0 + B_t S_0 - sum_{i<=t} C[t, i] theta_i g_i,   B = D E,  C = D P,
+    D[t, j] = F_t / F_j (j <= t),   P[j, i] = E_j / E_i (i <= j).
+
+Every weight matrix W of the memory has per-token gradient g_i = delta_i a_i^T (layer output gradient times layer
+input, see ``memories.py``), so the read with the per-token weights M_t never materialises them (TTT's dual form):
+
+    W_t a = F_t W_0 a + B_t S_0 a - sum_{i<=t} C[t, i] theta_i (a_i . a) delta_i.
+
+Read choice: y_t = M_t(q_t), the weights *after* token t's own write (Titans' retrieval with the current memory), which
+the dual form gives at no extra cost. All ratios come from log-cumsums masked before exp, so they lie in [0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from .conv import ShortConv
+from .memories import FastWeightMemory, LinearMemory, MLPMemory
+from .state import LayerState
+
+
+@dataclasses.dataclass
+class NeuralMemoryState(LayerState):
+    """Fast weights of a :class:`NeuralMemory`; every weight tensor is ``(B * H, d_out, d_in)`` (batch-major).
+
+    weights: the running memory M_t.  momentum: the running surprise S_t.  chunk_weights: M at the start of the
+    current chunk (where the chunk's gradients are taken).  conv: ``(B, K-1, dim)`` short-conv cache or None.
+    pos: tokens already processed in the current chunk, in ``[0, chunk_size)``.
+    """
+
+    weights: list
+    momentum: list
+    chunk_weights: list
+    conv: torch.Tensor | None
+    pos: int
+
+
+def chunk_sizes(T: int, chunk_size: int, pos: int) -> list[int]:
+    """Lengths of the pieces of a T-token call that starts ``pos`` tokens into a chunk: first the rest of the
+    current chunk, then whole chunks, then the start of the next one."""
+    sizes, t = [], 0
+    while t < T:
+        n = min(chunk_size - pos, T - t)
+        sizes.append(n)
+        t, pos = t + n, (pos + n) % chunk_size
+    return sizes
+
+
+@functools.lru_cache(maxsize=64)
+def _strict_upper(n: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+
+
+def _causal_ratio(log_cum: torch.Tensor) -> torch.Tensor:
+    """``R[..., t, i] = exp(log_cum_t - log_cum_i)`` for i <= t, else 0. log_cum: (..., n) -> (..., n, n)."""
+    diff = log_cum.unsqueeze(-1) - log_cum.unsqueeze(-2)
+    # masked before exp, so the entries above the diagonal never overflow
+    return torch.exp(diff.masked_fill(_strict_upper(log_cum.shape[-1], log_cum.device), float("-inf")))
+
+
+class NeuralMemory(nn.Module):
+    """Titans' neural long-term memory as a sequence layer: ``y, state = layer(x, state=None)``, ``x: (B, T, dim)``.
+
+    Args:
+        dim: model width; n_heads: heads (one memory each, head width dh = dim // n_heads).
+        chunk_size: tokens per mini-batch (Eq 90); 1 gives plain per-token online gradient descent.
+        memory: ``"mlp"`` (Eq 89, hidden = expansion * dh), ``"linear"`` (a dh x dh matrix), or a
+            :class:`FastWeightMemory` with ``n_heads`` heads mapping dh -> dh.
+        conv_size: window of the causal depthwise conv on the input (0 disables it).
+        max_lr: theta_t = max_lr * sigmoid(.); max_lr = 0 stops every write (the memory then only decays).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int = 4,
+        chunk_size: int = 64,
+        memory: str | FastWeightMemory = "mlp",
+        expansion: int = 2,
+        conv_size: int = 4,
+        max_lr: float = 1.0,
+    ):
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"dim={dim} must be divisible by n_heads={n_heads}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.dim, self.n_heads, self.head_dim, self.chunk_size = dim, n_heads, dim // n_heads, chunk_size
+        dh = self.head_dim
+        if memory == "mlp":
+            memory = MLPMemory(dh, expansion * dh, n_heads=n_heads)
+        elif memory == "linear":
+            memory = LinearMemory(dh, dh, n_heads=n_heads, init="zeros")
+        elif not isinstance(memory, FastWeightMemory):
+            raise ValueError(f"memory must be 'mlp', 'linear' or a FastWeightMemory, got {memory!r}")
+        self.memory = memory
+        self.max_lr = max_lr
+        self.conv = ShortConv(dim, conv_size) if conv_size > 0 else None
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        # per head logits of [theta, eta, alpha]; biases start at small steps, half momentum, slow forgetting
+        self.to_gates = nn.Linear(dim, 3 * n_heads)
+        with torch.no_grad():
+            self.to_gates.weight.mul_(0.1)
+            self.to_gates.bias.copy_(torch.tensor([-2.0, 0.0, -4.0]).repeat_interleave(n_heads))
+        self.out_norm = nn.RMSNorm(dh)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+
+    def initial_state(self, batch: int, device=None, dtype=torch.float32) -> NeuralMemoryState:
+        weights = [w.to(device=device, dtype=dtype) for w in self.memory.init_weights(batch)]
+        conv = None if self.conv is None else self.conv.initial_cache(batch, device, dtype)
+        return NeuralMemoryState(weights, [torch.zeros_like(w) for w in weights], list(weights), conv, 0)
+
+    def project(self, x: torch.Tensor, conv_cache: torch.Tensor | None):
+        """Inputs of the memory rule. Returns q, k, v: (B*H, T, dh) in the state dtype, theta, log_eta, log_keep:
+        (B*H, T) (log eta_t and log(1 - alpha_t)), and the new conv cache."""
+        h = x
+        if self.conv is not None:
+            h, conv_cache = self.conv(x, conv_cache)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        q, k, v = rearrange(self.to_qkv(h), "b t (s h d) -> s (b h) t d", s=3, h=self.n_heads).to(dtype)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        gates = rearrange(self.to_gates(h), "b t (s h) -> s (b h) t", s=3).to(dtype)
+        theta = self.max_lr * torch.sigmoid(gates[0])
+        return q, k, v, theta, F.logsigmoid(gates[1]), F.logsigmoid(-gates[2]), conv_cache
+
+    def _segment(self, w_grad, w_run, s_run, q, k, v, theta, log_eta, log_keep):
+        """Tokens of one chunk (or part of one), chunk-parallel. q, k, v: (N, n, dh); gates (N, n)."""
+        deltas, inputs = self.memory.grad_factors(w_grad, k, lambda out: 2.0 * (out - v))
+        g = torch.stack([log_eta, log_keep]).cumsum(-1)  # (2, N, n): log E_t, log F_t
+        P, D = _causal_ratio(g)  # P[j, i] = E_j / E_i, D[t, j] = F_t / F_j
+        E, Fk = torch.exp(g)
+        coef = (D @ P) * theta.unsqueeze(-2)  # C[t, i] theta_i: (N, n, n)
+        scales = torch.stack([Fk, (D @ E.unsqueeze(-1)).squeeze(-1)], dim=-1)  # [F_t, B_t]: (N, n, 2)
+
+        def read(i: int, a: torch.Tensor) -> torch.Tensor:
+            out = w_run[i].shape[-2]
+            # F_t W_0 a + B_t S_0 a as one matmul against [W_0; S_0]
+            base = (a @ torch.cat([w_run[i], s_run[i]], dim=-2).mT).unflatten(-1, (2, out))
+            return (base * scales.unsqueeze(-1)).sum(-2) - ((a @ inputs[i].mT) * coef) @ deltas[i]
+
+        y = self.memory.forward_with(read, q)
+        # weights of -g_i in the segment's last M and last S, side by side
+        c_last = torch.stack([coef[:, -1], P[:, -1] * theta], dim=1).unsqueeze(-1)  # (N, 2, n, 1)
+        f_last, b_last, e_last = Fk[:, -1, None, None], scales[:, -1, 1, None, None], E[:, -1, None, None]
+        w_new, s_new = [], []
+        for W, S, d, a in zip(w_run, s_run, deltas, inputs):
+            dw, ds = (d.mT.unsqueeze(1) @ (c_last * a.unsqueeze(1))).unbind(1)
+            w_new.append(f_last * W + b_last * S - dw)
+            s_new.append(e_last * S - ds)
+        return y, w_new, s_new
+
+    def read(self, x: torch.Tensor, state: NeuralMemoryState | None = None):
+        """The memory part alone: x: (B, T, dim) -> reads y_t = M_t(q_t): (B*H, T, dh) in the state dtype, new state."""
+        B, T, _ = x.shape
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if state is None:
+            state = self.initial_state(B, x.device, dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            q, k, v, theta, log_eta, log_keep, conv = self.project(x, state.conv)
+            w_run, s_run, w_chunk, pos = state.weights, state.momentum, state.chunk_weights, state.pos
+            # a call may start or end inside a chunk: chunks stay aligned to the stream's absolute positions.
+            # split (not slice) so the backward of each piece does not allocate a full-length zero gradient
+            sizes = chunk_sizes(T, self.chunk_size, pos)
+            pieces = zip(*(t.split(sizes, dim=1) for t in (q, k, v, theta, log_eta, log_keep)))
+            outs = []
+            for n, (q_c, k_c, v_c, theta_c, log_eta_c, log_keep_c) in zip(sizes, pieces):
+                y, w_run, s_run = self._segment(
+                    w_chunk, w_run, s_run, q_c, k_c, v_c, theta_c, log_eta_c, log_keep_c
+                )
+                outs.append(y)
+                pos += n
+                if pos == self.chunk_size:
+                    pos, w_chunk = 0, w_run
+            y = torch.cat(outs, dim=1) if outs else q.new_zeros(q.shape)
+        return y, NeuralMemoryState(w_run, s_run, w_chunk, conv, pos)
+
+    def forward(self, x: torch.Tensor, state: NeuralMemoryState | None = None):
+        """x: (B, T, dim) -> y: (B, T, dim), new state."""
+        y, state = self.read(x, state)
+        y = rearrange(self.out_norm(y.to(x.dtype)), "(b h) t d -> b t (h d)", h=self.n_heads)
+        return self.to_out(y), state

@@ -1,0 +1,179 @@
+"""The five self-modifying memories of Eq 83-93 for one Eq-90 chunk, for matrix memories and for Eq 89 MLPs.
+
+Both classes own the slow initial values (Eq 72-73) and the static gate biases, and expose
+``initial_state(batch, device, dtype) -> list[Tensor]`` and ``chunk(S_c, S, x, q) -> (o, S_new)`` where ``S_c`` is the
+chunk-start state (every memory evaluation of Eq 90 uses it), ``S`` the running state, ``x, q: (B, n, H, dh)`` the
+per-head inputs and normalised queries, and ``o: (B, n, H, dh)`` is o_t = M_{memory,t-1}(q_t) read from the running
+state before token t's write (the delta-rule op's read="before"). Gates: eta_t = sigmoid(M_eta(x_t) + b_eta),
+alpha_t = sigmoid(M_alpha(x_t) + b_alpha). Objectives: L = -<M(k), v_hat> ("dot") or 1/2 ||M(k) - v_hat||^2 ("l2").
+Values: v_t = normalize(M_v(x_t)) when ``value_norm`` (the default), else M_v(x_t).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import delta_rule
+
+BOXES = ("k", "v", "memory", "eta", "alpha")
+
+
+class _Memories(nn.Module):
+    def __init__(
+        self,
+        n_heads: int,
+        head_dim: int,
+        objective: str,
+        eta_bias,
+        alpha_bias,
+        op_mode: str,
+        value_norm: bool,
+    ):
+        super().__init__()
+        self.n_heads, self.head_dim, self.objective, self.op_mode = n_heads, head_dim, objective, op_mode
+        self.value_norm = value_norm
+        bias = torch.tensor([float(eta_bias), float(alpha_bias)])
+        self.gate_bias = nn.Parameter(
+            bias.repeat(n_heads, 1)
+        )  # (H, 2): static biases of the eta, alpha logits
+
+    def values(self, v: torch.Tensor) -> torch.Tensor:
+        # the targets v_hat = M(v_t) scale with v_t and feed back into the memories that produce v_t; unit values
+        # keep that loop from amplifying (without it a random layer diverges on long inputs)
+        return F.normalize(v, dim=-1) if self.value_norm else v
+
+    def gates(self, eta_logit: torch.Tensor, alpha_logit: torch.Tensor):
+        """(B, n, H) logits -> eta_t, alpha_t in (0, 1)."""
+        bias = self.gate_bias.to(eta_logit.dtype)
+        return torch.sigmoid(eta_logit + bias[:, 0]), torch.sigmoid(alpha_logit + bias[:, 1])
+
+    def _delta(self, q, k, v, eta, alpha, S, chunk):
+        return delta_rule(
+            q, k, v, eta, alpha, initial_state=S, chunk_size=chunk, mode=self.op_mode, read="before"
+        )
+
+
+class LinearSelfModifyingMemories(_Memories):
+    """Matrix memories (Eq 92-93), stacked: state ``[S]`` with ``S: (B, H, 3*dh + 2, dh)``, rows
+    ``[M_k; M_v; M_memory; M_eta; M_alpha]``.
+
+    The memories share k_t, eta_t and alpha_t, so one delta rule updates them all:
+        S_t = S_{t-1}(alpha_t I - eta_t k_t k_t^T) + eta_t v'_t k_t^T,
+        v' = v_hat = S_c v_t (dot: -grad = v_hat k^T)   or   v' = v_hat - S_c k_t = S_c (v_t - k_t) (l2, grad at S_c).
+    """
+
+    def __init__(self, n_heads, head_dim, objective, eta_bias, alpha_bias, op_mode, value_norm):
+        super().__init__(n_heads, head_dim, objective, eta_bias, alpha_bias, op_mode, value_norm)
+        dh = head_dim
+        # M_k, M_v, M_memory start as random maps; M_eta, M_alpha at zero so the gates begin at their biases
+        initial = torch.randn(n_heads, 3 * dh + 2, dh) / dh**0.5
+        initial[:, 3 * dh :] = 0.0
+        self.initial = nn.Parameter(initial)
+        self.rows = {box: slice(i * dh, (i + 1) * dh) for i, box in enumerate(BOXES[:3])}
+        self.rows.update(eta=slice(3 * dh, 3 * dh + 1), alpha=slice(3 * dh + 1, 3 * dh + 2))
+
+    def initial_state(self, batch: int, device=None, dtype=torch.float32) -> list[torch.Tensor]:
+        return [self.initial.unsqueeze(0).expand(batch, *self.initial.shape).to(device=device, dtype=dtype)]
+
+    def chunk(self, S_c, S, x, q):
+        (S_c,), (S,) = S_c, S
+        r = self.rows
+        proj = torch.einsum("bhrd,bthd->bthr", S_c, x)  # every memory reads x_t at the chunk-start state
+        k = F.normalize(proj[..., r["k"]], dim=-1)
+        v = self.values(proj[..., r["v"]])
+        eta, alpha = self.gates(proj[..., r["eta"]].squeeze(-1), proj[..., r["alpha"]].squeeze(-1))
+        # one matmul gives v_hat_box = M_box,c v_t (dot) or v_hat - M_c k = M_c (v_t - k_t) (l2) for all boxes
+        target = torch.einsum("bhrd,bthd->bthr", S_c, v - k if self.objective == "l2" else v)
+        o, S = self._delta(q, k, target, eta, alpha, S, x.shape[1])
+        return o[..., r["memory"]], [S]
+
+
+class MLPSelfModifyingMemories(_Memories):
+    """Eq 89 memories ``M_box(x) = x + W1 sigma(W2 x)`` (k, v, memory: dh -> dh) and ``W1 sigma(W2 x)`` (eta, alpha:
+    dh -> 1, no residual since the shapes differ), hidden width ``hidden``, updated by DGD layer by layer.
+
+    Each linear layer W (input a, output gradient delta, both at the chunk-start weights, Eq 90) gets the DGD step of
+    Eq 56-57 / 88 with its own input as key:  W <- W (alpha I - eta_a a a^T) - eta_a delta a^T.
+    W2's input is the unit key k_t, so eta_a = eta_t (as in Eq 88); W1's input h = sigma(W2 k_t) is not normalised,
+    so it takes the exact Sherman-Morrison step eta_a = eta_t / (1 + eta_t ||h||^2), which keeps the transition's
+    eigenvalues in (alpha - 1, alpha]. The W2 layers of all five memories share the key k_t and are stacked into one
+    delta rule; the W1 layers have a key per memory (its own h) and run as extra heads.
+
+    State ``[W2, W1, G1]``: ``W2: (B, H, 5*hidden, dh)`` (rows box-major), ``W1: (B, 3*H, dh, hidden)`` (k, v, memory;
+    box-major heads), ``G1: (B, 2*H, 1, hidden)`` (eta, alpha).
+    """
+
+    def __init__(self, n_heads, head_dim, objective, eta_bias, alpha_bias, op_mode, value_norm, hidden=None):
+        super().__init__(n_heads, head_dim, objective, eta_bias, alpha_bias, op_mode, value_norm)
+        dh = head_dim
+        self.hidden = hid = 2 * dh if hidden is None else hidden
+        self.w2 = nn.Parameter(torch.randn(n_heads, 5 * hid, dh) / dh**0.5)
+        self.w1 = nn.Parameter(torch.randn(3, n_heads, dh, hid) * (0.5 / hid**0.5))
+        # the gate memories' output layer starts at zero: the gates begin at their biases
+        self.g1 = nn.Parameter(torch.zeros(2, n_heads, 1, hid))
+
+    def initial_state(self, batch: int, device=None, dtype=torch.float32) -> list[torch.Tensor]:
+        def expand(p):
+            return p.unsqueeze(0).expand(batch, *p.shape).to(device=device, dtype=dtype)
+
+        return [expand(self.w2), expand(self.w1).flatten(1, 2), expand(self.g1).flatten(1, 2)]
+
+    def _evaluate(self, W2, W1, G1, u):
+        """All five memories at fixed weights on u: (B, n, H, dh). Returns z, h: (B, n, 5, H, hid), main outputs
+        (B, n, 3, H, dh) and gate outputs (B, n, 2, H, 1)."""
+        H = u.shape[2]
+        z = torch.einsum("bhrd,bthd->bthr", W2, u).unflatten(-1, (5, self.hidden)).transpose(2, 3)
+        h = F.gelu(z)
+        main = u.unsqueeze(2) + torch.einsum("bsdk,btsk->btsd", W1, h[:, :, :3].flatten(2, 3)).unflatten(
+            2, (3, H)
+        )
+        gate = torch.einsum("bsdk,btsk->btsd", G1, h[:, :, 3:].flatten(2, 3)).unflatten(2, (2, H))
+        return z, h, main, gate
+
+    def chunk(self, S_c, S, x, q):
+        W2c, W1c, G1c = S_c
+        W2, W1, G1 = S
+        n, H = x.shape[1], x.shape[2]
+        _, _, px, gx = self._evaluate(W2c, W1c, G1c, x)
+        k = F.normalize(px[:, :, 0], dim=-1)
+        v = self.values(px[:, :, 1])
+        eta, alpha = self.gates(gx[:, :, 0, :, 0], gx[:, :, 1, :, 0])
+        _, _, v_main, v_gate = self._evaluate(W2c, W1c, G1c, v)  # v_hat_box = M_box,c(v_t)
+        zk, hk, out_main, out_gate = self._evaluate(W2c, W1c, G1c, k)
+        if self.objective == "l2":  # dL/dM(k) at the chunk-start weights
+            e_main, e_gate = out_main - v_main, out_gate - v_gate
+        else:
+            e_main, e_gate = -v_main, -v_gate
+        # output gradients of the W2 layers: sigma'(z) * (W1^T e), per memory
+        back = torch.cat(
+            [
+                torch.einsum("bsdk,btsd->btsk", W1c, e_main.flatten(2, 3)).unflatten(2, (3, H)),
+                torch.einsum("bsdk,btsd->btsk", G1c, e_gate.flatten(2, 3)).unflatten(2, (2, H)),
+            ],
+            dim=2,
+        )
+        delta2 = torch.ops.aten.gelu_backward(back, zk).transpose(2, 3).flatten(3)  # (B, n, H, 5*hid)
+        o2, W2 = self._delta(q, k, -delta2, eta, alpha, W2, n)
+        hq = F.gelu(o2[..., 2 * self.hidden : 3 * self.hidden])  # sigma(W2_memory,t-1 q_t)
+
+        def sm_step(h):  # Sherman-Morrison step for the unnormalised inputs h: (B, n, s*H, hid)
+            e = eta.repeat(1, 1, h.shape[2] // H)
+            return e / (1 + e * h.pow(2).sum(-1))
+
+        h_main, h_gate = hk[:, :, :3].flatten(2, 3), hk[:, :, 3:].flatten(2, 3)
+        queries = torch.cat([torch.zeros_like(hq), torch.zeros_like(hq), hq], dim=2)  # only M_memory is read
+        o1, W1 = self._delta(
+            queries, h_main, -e_main.flatten(2, 3), sm_step(h_main), alpha.repeat(1, 1, 3), W1, n
+        )
+        _, G1 = self._delta(
+            torch.zeros_like(h_gate),
+            h_gate,
+            -e_gate.flatten(2, 3),
+            sm_step(h_gate),
+            alpha.repeat(1, 1, 2),
+            G1,
+            n,
+        )
+        return q + o1[:, :, 2 * H :], [W2, W1, G1]

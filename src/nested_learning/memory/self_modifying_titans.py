@@ -1,0 +1,158 @@
+"""Self-modifying (self-referential) Titans, Eq 83-88, and their chunk-wise form, Eq 90-93.
+
+Per head (width dh), after a causal depthwise convolution of the input:
+
+    q_t = normalize(x_t W_q)                                    the only static projection (Eq 83)
+    k_t = normalize(M_k(x_t)),  v_t = normalize(M_v(x_t))       adaptive projections (Eq 83; v normalised: value_norm)
+    eta_t = sigmoid(M_eta(x_t) + b_eta),  alpha_t = sigmoid(M_alpha(x_t) + b_alpha)
+    v_hat_box = M_box(v_t)         for box in {k, v, memory, eta, alpha}     self-generated values (Eq 84, 87)
+    M_box <- M_box (alpha_t I - eta_t k_t k_t^T) - eta_t grad L(M_box; k_t, v_hat_box)          DGD (Eq 88)
+    o_t = M_memory(q_t)                                                                          (Eq 83)
+
+Objectives (Eq 92-93), with the gradient taken at the chunk-start memory M_c (Eq 90):
+    "dot":  L = -<M k, v_hat>          grad = -v_hat k^T           update term + eta v_hat k^T
+    "l2":   L = 1/2 ||M k - v_hat||^2  grad = (M_c k - v_hat) k^T  update term + eta (v_hat - M_c k) k^T
+(seed 000 writes "- eta v_hat k^T" for the dot objective; minimising -<Mk, v_hat> gives the plus sign.)
+q is not a memory here: Eq 83 lists M_q among the boxes but also says q_t = x_t W_q is the one static projection.
+
+Chunk-wise form (Eq 90): in a chunk, every memory *evaluation* (k, v, eta, alpha, v_hat, and the gradient) uses the
+chunk-start state M_c; the decay term M_{t-1}(alpha_t I - eta_t k k^T) still runs token by token. chunk_size=1 is
+Eq 83-88 exactly. The inputs of chunk c depend on the memories after chunk c-1, so chunks run in a Python loop; each
+chunk's update is a delta rule (``ops.delta_rule`` in chunk mode), see ``self_modifying_memories.py`` for the matrix
+memories (all five stacked into one state, one delta rule per chunk) and the Eq 89 MLP memories (DGD per layer).
+
+Read choice: o_t = M_{memory,t-1}(q_t), the running memory *before* token t's write, also inside a chunk (the op's
+read="before"). With chunk_size=1 this is Eq 83's y_t = M_{memory,t-1}(q_t) exactly, and with larger chunks a token
+still sees the writes of the earlier tokens of its own chunk (reading at the chunk-start state would hide them).
+
+Knowledge transfer by initialisation (Eq 72-73): the initial memories are parameters of ``self.memories``; a fresh
+state starts from them and gradients reach them through the whole in-context trajectory. Memory states are fp32
+(fp64 for fp64 inputs) whatever the parameter dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from .conv import ShortConv
+from .neural_memory import chunk_sizes
+from .self_modifying_memories import LinearSelfModifyingMemories, MLPSelfModifyingMemories
+from .state import LayerState
+
+OBJECTIVES = ("l2", "dot")
+MEMORIES = {"linear": LinearSelfModifyingMemories, "mlp": MLPSelfModifyingMemories}
+
+
+@dataclasses.dataclass
+class SelfModifyingTitansState(LayerState):
+    """memory: the running memories, a list of tensors (linear: ``[S]`` with ``S: (B, H, 3*dh+2, dh)``, rows
+    [M_k; M_v; M_memory; M_eta; M_alpha]; mlp: ``[W2, W1, G1]``, see ``MLPSelfModifyingMemories``).
+    chunk_memory: the same at the start of the current chunk (Eq 90). conv: ``(B, K-1, dim)`` or None.
+    pos: tokens already processed in the current chunk, in ``[0, chunk_size)``."""
+
+    memory: list
+    chunk_memory: list
+    conv: torch.Tensor | None
+    pos: int
+
+
+class SelfModifyingTitans(nn.Module):
+    """Eq 83-93 as a sequence layer: ``y, state = layer(x, state=None)``, ``x: (B, T, dim)``.
+
+    Args:
+        dim: model width; n_heads: heads (dh = dim // n_heads; all memories are per head, dh -> dh or dh -> 1).
+        chunk_size: Eq 90 chunk (memories are evaluated at the chunk-start state); 1 gives Eq 83-88.
+        objective: ``"l2"`` (Eq 93, delta rule) or ``"dot"`` (Eq 92, Hebbian).
+        memory: ``"linear"`` (matrix memories, stacked) or ``"mlp"`` (Eq 89, per-layer DGD; hidden width ``hidden``,
+            default 2 * dh).
+        conv_size: causal depthwise conv window (0 disables it).
+        gate: output gate ``y = W_o (norm(o) * silu(x W_g))``; False gives ``W_o norm(o)``.
+        eta_bias, alpha_bias: initial static biases of the eta / alpha logits.
+        op_mode: ``"chunk"`` (ops.delta_rule chunk-parallel) or ``"recurrent"`` (its token loop).
+        hidden: hidden width of the MLP memories.
+        value_norm: L2-normalise v_t (as q_t and k_t are). The self-generated targets v_hat = M(v_t) scale with v_t
+            and feed back into the memories that produce v_t; without the normalisation the dot objective and the
+            MLP memories diverge from a random start. False gives Eq 83 literally.
+
+    The slow initial memories (Eq 72-73) and gate biases live in ``self.memories``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int = 4,
+        chunk_size: int = 16,
+        objective: str = "l2",
+        memory: str = "linear",
+        conv_size: int = 4,
+        gate: bool = True,
+        eta_bias: float = 0.0,
+        alpha_bias: float = 5.0,
+        op_mode: str = "chunk",
+        hidden: int | None = None,
+        value_norm: bool = True,
+    ):
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"dim={dim} must be divisible by n_heads={n_heads}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if memory not in MEMORIES:
+            raise ValueError(f"memory must be one of {tuple(MEMORIES)}, got {memory!r}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.dim, self.n_heads, self.head_dim, self.chunk_size = dim, n_heads, dim // n_heads, chunk_size
+        self.objective = objective
+        self.conv = ShortConv(dim, conv_size) if conv_size > 0 else None
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        extra = {} if memory == "linear" else {"hidden": hidden}
+        self.memories = MEMORIES[memory](
+            n_heads, self.head_dim, objective, eta_bias, alpha_bias, op_mode, value_norm, **extra
+        )
+        self.out_norm = nn.RMSNorm(self.head_dim)
+        self.to_gate = nn.Linear(dim, dim, bias=False) if gate else None
+        self.to_out = nn.Linear(dim, dim, bias=False)
+
+    def initial_state(self, batch: int, device=None, dtype=torch.float32) -> SelfModifyingTitansState:
+        memory = self.memories.initial_state(batch, device, dtype)
+        conv = None if self.conv is None else self.conv.initial_cache(batch, device, dtype)
+        return SelfModifyingTitansState(memory, list(memory), conv, 0)
+
+    def read(self, x: torch.Tensor, state: SelfModifyingTitansState | None = None):
+        """The memory part: x: (B, T, dim) -> o_t = M_{memory,t-1}(q_t): (B, T, H, dh) in the state dtype, new state."""
+        B, T, _ = x.shape
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if state is None:
+            state = self.initial_state(B, x.device, dtype)
+        h, conv = (x, None) if self.conv is None else self.conv(x, state.conv)
+        q = F.normalize(rearrange(self.to_q(h), "b t (h d) -> b t h d", h=self.n_heads), dim=-1)
+        with torch.autocast(x.device.type, enabled=False):
+            hx = rearrange(h, "b t (h d) -> b t h d", h=self.n_heads).to(dtype)
+            q = q.to(dtype)
+            S = [s.to(dtype) for s in state.memory]
+            S_c = [s.to(dtype) for s in state.chunk_memory]
+            pos, outs = state.pos, []
+            # the inputs of chunk c depend on the state after chunk c-1: a Python loop over chunks, parallel inside.
+            # A call may start or end inside a chunk; chunks stay aligned to the stream's absolute positions.
+            sizes = chunk_sizes(T, self.chunk_size, pos)
+            for n, x_c, q_c in zip(sizes, hx.split(sizes, dim=1), q.split(sizes, dim=1)):
+                o, S = self.memories.chunk(S_c, S, x_c, q_c)
+                outs.append(o)
+                pos += n
+                if pos == self.chunk_size:
+                    pos, S_c = 0, S
+            o = torch.cat(outs, dim=1) if outs else hx.new_zeros(B, 0, self.n_heads, self.head_dim)
+        return o, SelfModifyingTitansState(S, S_c, conv, pos)
+
+    def forward(self, x: torch.Tensor, state: SelfModifyingTitansState | None = None):
+        """x: (B, T, dim) -> y: (B, T, dim), new state."""
+        o, state = self.read(x, state)
+        y = rearrange(self.out_norm(o.to(x.dtype)), "b t h d -> b t (h d)")
+        if self.to_gate is not None:
+            y = y * F.silu(self.to_gate(x))
+        return self.to_out(y), state
