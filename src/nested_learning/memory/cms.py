@@ -17,9 +17,11 @@ the stream, not of a call): there it takes one gradient step on the chunk it has
 comparable across levels). The mean gradient is clipped to norm ``grad_clip`` (per batch element and level) before
 the step: plain gradient steps on a chunk diverge once a level's activations grow (the step's curvature scales with
 ||h||^2; repetitive text drives the "next_input" regression there within a few hundred tokens), and a trust region
-of length eta_l * grad_clip keeps every level bounded. ``grad_clip=None`` gives Eq 71 unclipped. Because theta_l is constant over its chunk, the sum of per-token gradients equals the
-gradient of the summed chunk loss: gradients of the segments of C_min = min(C) tokens are accumulated in
-``CMSState.grads`` and applied at the level's boundary. An update at the end of a chunk only affects later tokens.
+of length eta_l * grad_clip keeps every level bounded. ``grad_clip=None`` gives Eq 71 unclipped.
+
+Because theta_l is constant over its chunk, the sum of per-token gradients equals the gradient of the summed chunk
+loss: the gradients of segments of C_min = min(C) tokens are accumulated in ``CMSState.grads`` and applied at the
+level's boundary. An update at the end of a chunk only affects later tokens.
 
 Which local objective f is used is the caller's choice. This module owns the purely local one, ``"next_input"``:
 level l regresses its output at t onto its input at t+1 (pairs inside the segment),
@@ -61,9 +63,9 @@ MODES = ("first_order", "meta")
 
 @dataclasses.dataclass
 class CMSState(LayerState):
-    """weights[lv]: level l's fast weights, flat ``(B, n)`` with n = 2 H d + H + d, laid out as [W_up (H, d), b_up (H),
+    """weights[l]: level l's fast weights, flat ``(B, n)`` with n = 2 H d + H + d, laid out as [W_up (H, d), b_up (H),
     W_down (d, H), b_down (d)] (:meth:`ContinuumMemorySystem.unpack`; one tensor per level keeps the per-segment
-    bookkeeping to a few ops). grads[lv]: same shape, the sum of level l's inner gradients since its last boundary.
+    bookkeeping to a few ops). grads[l]: same shape, the sum of level l's inner gradients since its last boundary.
     pending: (B, P, d) inputs of the unfinished segment (standalone use; empty when a language model drives the CMS).
     position: stream position of the state (of pending[:, 0]); a multiple of min(chunk_sizes)."""
 
@@ -89,9 +91,8 @@ def segment_bounds(n: int, size: int, split: bool = True) -> list[tuple[int, int
 
 def gelu_grad(x: torch.Tensor) -> torch.Tensor:
     """d gelu(x) / dx for the exact (erf) GELU: Phi(x) + x phi(x)."""
-    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))) + x * torch.exp(-0.5 * x * x) / math.sqrt(
-        2.0 * math.pi
-    )
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))) + x * pdf
 
 
 class ContinuumMemorySystem(nn.Module):
@@ -102,8 +103,8 @@ class ContinuumMemorySystem(nn.Module):
         expansion: MLP hidden width = expansion * dim. variant: "sequential" | "independent" | "nested".
         inner_lr: initial eta_l of every level; 0 freezes the levels for good (eta = max_lr * sigmoid(-inf)).
         max_inner_lr: upper bound of eta_l. grad_clip: max norm of a level's mean chunk gradient (None: no clip).
-        mode: "first_order" (inner gradients detached) or "meta" (the outer
-            gradient flows through the inner updates, create_graph); meta only matters while grad mode is on.
+        mode: "first_order" (inner gradients detached) or "meta" (the outer gradient flows through the inner
+            updates, create_graph); meta only matters while grad mode is on.
     """
 
     def __init__(
@@ -233,9 +234,8 @@ class ContinuumMemorySystem(nn.Module):
         out = []
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             for (u, pre, h, delta), w in zip(cache, weights):
-                err = F.pad(
-                    u[:, :-1] + delta[:, :-1] - u[:, 1:], (0, 0, 0, 1)
-                )  # (B, S, d); the segment's last token has no target
+                # err: (B, S, d); the segment's last token has no target yet
+                err = F.pad(u[:, :-1] + delta[:, :-1] - u[:, 1:], (0, 0, 0, 1))
                 dpre = torch.bmm(err, self.unpack(w)[2]) * gelu_grad(pre)  # back through W_down and the GELU
                 out.append(self.weight_grads(u, h, dpre, err))
         return out
@@ -255,9 +255,8 @@ class ContinuumMemorySystem(nn.Module):
                 weights[lv] = weights[lv] - lr[lv].to(step.dtype) * step
                 accs[lv] = torch.zeros_like(accs[lv])
         if self.variant == "nested":
-            for s in range(
-                self.n_levels - 2, -1, -1
-            ):  # slowest first: a slow boundary restarts the whole hierarchy
+            # slowest first, so a boundary of the slowest level restarts the whole hierarchy from it
+            for s in range(self.n_levels - 2, -1, -1):
                 if end % self.chunk_sizes[s + 1] == 0:
                     weights[s], accs[s] = weights[s + 1], torch.zeros_like(accs[s])
         return CMSState(weights, accs, state.pending, end)
@@ -278,9 +277,7 @@ class ContinuumMemorySystem(nn.Module):
         for a, b in segment_bounds(xs.shape[1], self.segment_size, split=learn):
             y, cache = self.read(xs[:, a:b], snap.weights)
             outs.append(y)
-            if (
-                b % self.segment_size == 0
-            ):  # the piece ends on a boundary: the state there is the new snapshot
+            if b % self.segment_size == 0:  # the piece ends on a boundary: the state there is the new snapshot
                 grads = self.local_grads(cache, snap.weights, differentiable) if learn else None
                 end = state.position + b
                 snap = self.step(snap, grads, end) if learn else dataclasses.replace(snap, position=end)

@@ -14,3 +14,21 @@ __all__ = [
     "model_names",
     "register_model",
 ]
+
+from nested_learning.models.cms_lm import CMSLanguageModel, CMSLMState  # noqa: E402
+from nested_learning.models.hope import HOPE  # noqa: E402
+from nested_learning.models.hope_attention import HOPEAttention  # noqa: E402
+from nested_learning.models.hope_config import HOPE_ATTENTION_PRESETS, HOPE_PRESETS, HOPEConfig  # noqa: E402
+from nested_learning.models.state_io import load_state, save_state  # noqa: E402
+
+__all__ += [
+    "CMSLMState",
+    "CMSLanguageModel",
+    "HOPE",
+    "HOPEAttention",
+    "HOPEConfig",
+    "HOPE_ATTENTION_PRESETS",
+    "HOPE_PRESETS",
+    "load_state",
+    "save_state",
+]

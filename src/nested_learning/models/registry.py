@@ -48,3 +48,17 @@ def _deltanet(size: str, **overrides):
     from nested_learning.models.recurrent_lms import build_deltanet
 
     return build_deltanet(size, **overrides)
+
+
+@register_model("hope")
+def _hope(size: str, **overrides):
+    from nested_learning.models.hope import HOPE
+
+    return HOPE.from_preset(size, **overrides)
+
+
+@register_model("hope_attention")
+def _hope_attention(size: str, **overrides):
+    from nested_learning.models.hope_attention import HOPEAttention
+
+    return HOPEAttention.from_preset(size, **overrides)

@@ -1,0 +1,258 @@
+"""The skeleton of HOPE and HOPE-attention: a pre-norm residual LM whose MLPs are CMS levels that learn in context.
+
+``x -> embed -> N x [x + mixer(norm(x)); x + (CMS(norm(x)) - norm(x))] -> norm -> tied LM head``. The CMS chain's own
+residual connections (Eq 70) are the block's residual connection, hence ``- norm(x)``: the stream is not fed the
+normalised input a second time. The mixer (self-modifying Titans or softmax attention) follows the layer contract.
+
+Test-time learning (Eq 71 with the "lm" objective, Eq 8-9). The model processes a stream in SEGMENTS of C_min =
+min(chunk_sizes) tokens aligned to stream positions. For each segment it runs all blocks (mixer states carried, CMS
+fast weights read from the state) and computes the segment's logits; then
+
+    L_seg = sum_{t, t+1 in segment} CE(logits_t, x_{t+1})        (next token inside the segment: no labels needed)
+
+is differentiated w.r.t. every level of every layer with ONE ``torch.autograd.grad`` call: the local surprise signal
+of the LM loss at each level's output, carried back to its weights (backprop as an associative memory from inputs to
+their errors, Eq 8-9). The call asks for the gradients w.r.t. this segment's level activations (pre-activation and
+branch output), from which the weight gradients are outer products summed over the segment; so it is the gradient of
+this segment's loss with the state at the segment start (mixer memories, KV cache) held fixed, and the outer graph
+through the weights stays intact. Each level accumulates its segment gradients and takes its step when
+its chunk ends (``ContinuumMemorySystem.step``). Since a level is constant over its chunk, summing segment gradients
+is exact; the only pairs left out are the C/C_min - 1 pairs (last token of a segment, first of the next) that cross a
+segment boundary inside a level's chunk. ``objective="next_input"`` uses the CMS's own local objective instead.
+
+Modes: ``"first_order"`` detaches the inner gradients (the outer optimizer still learns the slow initial weights
+through the identity path of theta = theta_0 - eta * sum g, and eta through eta * g); ``"meta"`` keeps their graph
+(create_graph) so the outer gradient flows THROUGH the inner updates (second order; softmax attention then runs its
+math kernel, the only one with a double backward on CPU). In no-grad use the inner gradient is still computed (under
+``torch.enable_grad``); every tensor the model returns is then detached.
+
+Exact streaming. The returned state is the state at the start of the PENDING segment (every mixer state and CMS
+level at that point) plus the pending tokens; the next call re-runs them from there (their logits were already
+returned) and continues, so a stream split at any token gives the same logits as one call. Cost: at most one partial
+segment (< C_min tokens) recomputed per call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from nested_learning.memory.cms import ContinuumMemorySystem, segment_bounds
+from nested_learning.memory.state import LayerState
+from nested_learning.models.base import LanguageModel, ModelOutput, check_input_ids
+from nested_learning.models.layers import RMSNorm
+from nested_learning.models.tied_head import SegmentedHead
+
+OBJECTIVES = ("lm", "next_input")
+
+
+@dataclasses.dataclass
+class CMSLMState(LayerState):
+    """The stream state at the start of the pending segment. mixers: one state per block (Titans memories or KV
+    cache). cms: one :class:`CMSState` per block (fast weights and gradient accumulators of every level).
+    pending: (B, P) ids of the unfinished segment, 0 <= P < C_min. position: stream position of pending[:, 0]."""
+
+    mixers: list
+    cms: list
+    pending: torch.Tensor
+    position: int
+
+    @property
+    def length(self) -> int:
+        """Tokens consumed by the stream so far."""
+        return self.position + self.pending.shape[1]
+
+
+class CMSBlock(nn.Module):
+    def __init__(self, dim: int, mixer: nn.Module, cms: ContinuumMemorySystem, norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm1, self.mixer = RMSNorm(dim, norm_eps), mixer
+        self.norm2, self.cms = RMSNorm(dim, norm_eps), cms
+
+
+class CMSLanguageModel(LanguageModel):
+    """Embedding, blocks of (mixer, CMS), final norm, tied head; subclasses supply the mixer and its initial state.
+
+    ``out = model(input_ids, state=None, labels=None)``; ``labels[:, t]`` is the target of position t (-100 ignored)
+    and ``out.loss`` their mean cross-entropy (the outer objective). ``model.set_test_time_updates(False)`` freezes
+    every CMS level (the "CMS frozen" baseline; the mixers keep their own in-context memory).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        n_layers: int,
+        make_mixer,
+        make_cms,
+        objective: str = "lm",
+        max_seq_len: int | None = None,
+        norm_eps: float = 1e-6,
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        self.vocab_size, self.dim, self.objective, self.max_seq_len = vocab_size, dim, objective, max_seq_len
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList(
+            CMSBlock(dim, make_mixer(i), make_cms(i), norm_eps) for i in range(n_layers)
+        )
+        self.norm = RMSNorm(dim, norm_eps)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        self.head.weight = self.embed.weight
+        self.segment_size = self.blocks[0].cms.segment_size
+        self._init_weights(init_std, n_layers)
+
+    def _init_weights(self, std: float, n_layers: int) -> None:
+        # GPT-2 style on the Linear/Embedding weights only (memories' own initial states keep their init); residual
+        # output projections scaled down with depth; biases zero except the CMS gate, which stays uniform.
+        if self.embed.weight.is_meta:  # shapes only (parameter counts of the large presets): nothing to fill
+            return
+        for name, mod in self.named_modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)) and not name.endswith("cms.gate"):
+                residual_out = name.endswith(("out", "to_out")) or ".cms.down." in name
+                nn.init.normal_(
+                    mod.weight, mean=0.0, std=std / math.sqrt(2 * n_layers) if residual_out else std
+                )
+                if getattr(mod, "bias", None) is not None:
+                    nn.init.zeros_(mod.bias)
+
+    # ------------------------------------------------------------------ state
+    def mixer_initial_state(self, mixer: nn.Module, batch: int, device, dtype) -> LayerState:
+        raise NotImplementedError
+
+    def initial_state(self, batch: int, device=None) -> CMSLMState:
+        """The state of a fresh stream: mixers and CMS levels at their (meta-learned) initial values."""
+        device = device if device is not None else self.embed.weight.device
+        dtype = torch.float64 if self.embed.weight.dtype == torch.float64 else torch.float32
+        return CMSLMState(
+            [self.mixer_initial_state(b.mixer, batch, device, dtype) for b in self.blocks],
+            [b.cms.initial_state(batch, device, dtype) for b in self.blocks],
+            torch.zeros(batch, 0, dtype=torch.long, device=device),
+            0,
+        )
+
+    def set_test_time_updates(self, enabled: bool) -> None:
+        for b in self.blocks:
+            b.cms.test_time_updates = bool(enabled)
+
+    @property
+    def test_time_updates(self) -> bool:
+        return self.blocks[0].cms.test_time_updates
+
+    # ------------------------------------------------------------------ one segment
+    def _segment(self, x: torch.Tensor, mixers: list, cms: list):
+        """All blocks on the embedded segment ``x: (B, S, d)`` with fixed fast weights; returns the final normed
+        hidden state, the mixer states, and per block the CMS cache (``ContinuumMemorySystem.read``)."""
+        new_mixers, caches = [], []
+        for block, ms, cs in zip(self.blocks, mixers, cms):
+            y, ms = block.mixer(block.norm1(x), ms)
+            x = x + y
+            u = block.norm2(x)
+            y, cache = block.cms.read(u, cs.weights)
+            x = x + (y - u)
+            new_mixers.append(ms)
+            caches.append(cache)
+        return self.norm(x), new_mixers, caches
+
+    def _inner_grads(
+        self, probs, ids, h, W, caches, cms, outer: bool, meta: bool
+    ) -> list[list[torch.Tensor]]:
+        """Per block, per level, the gradient of the segment's inner objective w.r.t. the flat fast weights.
+
+        "lm": the loss's gradient at the final hidden state, dL/dh_t = (softmax_t - onehot(x_{t+1})) W (zero for the
+        segment's last token), written out because (S, V) @ (V, d) with the head as stored is a fast GEMM; then one
+        ``autograd.grad`` call from h to every level's pre-activation and branch output OF THIS SEGMENT
+        (intermediate tensors, so the state at the segment start is held fixed and nothing else is computed). The
+        weight gradients follow from these factors (``ContinuumMemorySystem.weight_grads``)."""
+        if self.objective == "next_input":
+            return [
+                b.cms.local_grads(c, cs.weights, differentiable=meta)
+                for b, c, cs in zip(self.blocks, caches, cms)
+            ]
+        with torch.set_grad_enabled(meta):  # probs: softmax at positions 0..S-2 of the segment
+            minus_one = torch.full_like(probs[..., :1], -1.0)
+            # subtract the one-hot of the next token (in place when no graph is kept)
+            scatter = probs.scatter_add if meta else probs.scatter_add_
+            d = scatter(-1, ids[:, 1:, None], minus_one)
+            dh = F.pad(d.to(W.dtype) @ W, (0, 0, 0, 1))
+        factors = [t for cache in caches for _, pre, _, delta in cache for t in (pre, delta)]
+        g = torch.autograd.grad(h, factors, dh, retain_graph=outer, create_graph=meta, materialize_grads=True)
+        out, i = [], 0
+        with torch.set_grad_enabled(meta):
+            for block, cache in zip(self.blocks, caches):
+                levels = []
+                for u, _, h, _ in cache:
+                    levels.append(block.cms.weight_grads(u, h, g[i], g[i + 1]))
+                    i += 2
+                out.append(levels)
+        return out
+
+    # ------------------------------------------------------------------ the stream
+    def forward(
+        self, input_ids: torch.Tensor, state: CMSLMState | None = None, labels: torch.Tensor | None = None
+    ):
+        check_input_ids(input_ids, self.vocab_size)
+        B, T = input_ids.shape
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        if state is None:
+            state = self.initial_state(B, input_ids.device)
+        if self.max_seq_len is not None and state.length + T > self.max_seq_len:
+            raise ValueError(
+                f"stream length {state.length + T} exceeds the model's limit of {self.max_seq_len} tokens"
+            )
+        P = state.pending.shape[1]
+        ids = torch.cat([state.pending.to(input_ids.device), input_ids.long()], dim=1)
+        learn, C = self.test_time_updates, self.segment_size
+        outer = torch.is_grad_enabled()
+        meta = outer and self.blocks[0].cms.mode == "meta"
+        # Except in meta mode (where the inner gradients depend on the head, so every segment keeps its own graph),
+        # the logits are computed without graph into one buffer, and TiedHead attaches the head's graph once per call
+        # (exact: first-order inner gradients are detached, so the inner computation never enters the outer graph).
+        direct = not meta
+        W = self.head.weight
+        Wt = (W if meta else W.detach()).t().contiguous()  # (d, V): one copy per call, h @ Wt is a plain GEMM
+        kernel = (lambda: sdpa_kernel([SDPBackend.MATH])) if meta else contextlib.nullcontext
+        x_all = self.embed(ids)
+        head = SegmentedHead(ids.shape, W, direct)
+        mixers, cms, start, position = list(state.mixers), list(state.cms), 0, state.position
+        for a, b in segment_bounds(ids.shape[1], C, split=learn):
+            ends_on_boundary = b % C == 0
+            inner = learn and ends_on_boundary and b - a > 1
+            with torch.set_grad_enabled(outer or inner), kernel():
+                x = x_all[:, a:b]
+                if inner and not x.requires_grad:  # e.g. frozen parameters: the inner gradient needs a graph
+                    x = x.detach().requires_grad_()
+                h, new_mixers, caches = self._segment(x, mixers, cms)
+                probs = head.segment(h, Wt, a, b, need_probs=inner)
+                grads = None
+                if inner:
+                    Wi = W if meta else W.detach()
+                    grads = self._inner_grads(probs, ids[:, a:b], h, Wi, caches, cms, outer, meta)
+            if not outer:
+                new_mixers = [m.detach() for m in new_mixers]
+            if ends_on_boundary:  # the state here is the new snapshot; levels whose chunk ends here take their step
+                end = state.position + b
+                if learn:
+                    cms = [
+                        blk.cms.step(cs, g, end)
+                        for blk, cs, g in zip(self.blocks, cms, grads or [None] * len(cms))
+                    ]
+                else:
+                    cms = [dataclasses.replace(cs, position=end) for cs in cms]
+                mixers, start, position = new_mixers, b, end
+        logits, loss = head.finish(P, labels)
+        new_state = CMSLMState(mixers, cms, ids[:, start:], position)
+        return ModelOutput(logits, loss, new_state if outer else new_state.detach())
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n

@@ -1,0 +1,189 @@
+"""HOPE (Eq 94-97) and HOPE-attention: test-time CMS learning, exact streaming, causality, meta-gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nested_learning.models import HOPE, HOPEAttention
+from nested_learning.models.base import lm_loss
+
+V, CHUNKS = 64, (4, 8, 16)
+MODELS = [HOPE, HOPEAttention]
+
+
+def tiny(cls, dtype=torch.float64, **kw):
+    cfg = dict(
+        vocab_size=V,
+        dim=16,
+        n_layers=2,
+        n_heads=2,
+        chunk_sizes=CHUNKS,
+        cms_inner_lr=0.5,
+        titans_chunk_size=4,
+        max_seq_len=None,
+    )
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return cls(**cfg).to(dtype)
+
+
+def stream(model, x, splits):
+    logits, state, prev = [], None, 0
+    for s in list(splits) + [x.shape[1]]:
+        out = model(x[:, prev:s], state=state)
+        logits.append(out.logits)
+        state, prev = out.state, s
+    return torch.cat(logits, 1), state
+
+
+@pytest.mark.parametrize("cls", MODELS)
+@torch.no_grad()
+def test_streaming_at_any_split_equals_one_shot(cls):
+    m = tiny(cls).eval()
+    x = torch.randint(0, V, (2, 27))
+    full = m(x)  # boundaries of the levels at 4, 8, 12, ..., 24; of all three at 16
+    for splits in ([1], [13, 14], [3, 9, 17, 22], [5, 6, 7, 8, 9, 10]):
+        logits, state = stream(m, x, splits)
+        torch.testing.assert_close(logits, full.logits, rtol=0, atol=1e-9)
+        for a, b in zip(state.cms, full.state.cms):
+            assert all(torch.allclose(wa, wb, rtol=0, atol=1e-9) for wa, wb in zip(a.weights, b.weights))
+
+
+@pytest.mark.parametrize(
+    "variant, objective", [("independent", "lm"), ("nested", "lm"), ("sequential", "next_input")]
+)
+@torch.no_grad()
+def test_variants_and_the_local_objective_stream_exactly_and_learn(variant, objective):
+    m = tiny(HOPEAttention, cms_variant=variant, cms_objective=objective).eval()
+    x = torch.randint(0, V, (2, 27))
+    full = m(x)
+    logits, _ = stream(m, x, [3, 9, 17, 22])
+    torch.testing.assert_close(logits, full.logits, rtol=0, atol=1e-9)
+    m.set_test_time_updates(False)
+    assert not torch.allclose(m(x).logits[:, 4:], full.logits[:, 4:])
+
+
+@pytest.mark.parametrize("cls", MODELS)
+@torch.no_grad()
+def test_causal_changing_token_t_changes_no_earlier_logit(cls):
+    m = tiny(cls).eval()
+    x = torch.randint(0, V, (1, 26))
+    base = m(x).logits
+    for t in (0, 7, 18, 25):
+        x2 = x.clone()
+        x2[:, t] = (x2[:, t] + 1) % V
+        out = m(x2).logits
+        torch.testing.assert_close(out[:, :t], base[:, :t], rtol=0, atol=0)
+        assert not torch.allclose(out[:, t:], base[:, t:])
+
+
+@torch.no_grad()
+def test_levels_change_exactly_at_multiples_of_their_chunk_size_across_calls():
+    m = tiny(HOPEAttention).eval()
+    x = torch.randint(0, V, (1, 34))
+    state = m(x[:, :2]).state
+    prev = [w.clone() for w in state.cms[0].weights]
+    for p in range(3, 35):  # one token per call: p tokens consumed
+        state = m(x[:, p - 1 : p], state=state).state
+        for level, C in enumerate(CHUNKS):
+            assert (not torch.equal(state.cms[0].weights[level], prev[level])) == (p % C == 0), (p, level)
+        prev = [w.clone() for w in state.cms[0].weights]
+
+
+@pytest.mark.parametrize("cls", MODELS)
+@torch.no_grad()
+def test_test_time_updates_switch(cls):
+    m = tiny(cls).eval()
+    x = torch.randint(0, V, (1, 20))
+    on = m(x)
+    m.set_test_time_updates(False)
+    off = m(x)
+    # identical before the first boundary (position 4), different after it
+    torch.testing.assert_close(on.logits[:, :4], off.logits[:, :4], rtol=0, atol=0)
+    assert not torch.allclose(on.logits[:, 4:], off.logits[:, 4:])
+    assert all(
+        torch.equal(w[0], m.blocks[0].cms.slow_weights(lv)) for lv, w in enumerate(off.state.cms[0].weights)
+    )
+
+
+def _lm_grads(m, state, ids):
+    """Reference inner gradient: the in-segment next-token loss of ``ids`` (from ``state``, levels frozen) w.r.t.
+    the CMS fast weights of every level of every block (made leaves)."""
+    leaves = [[w.detach().clone().requires_grad_() for w in cs.weights] for cs in state.cms]
+    for cs, ws in zip(state.cms, leaves):
+        cs.weights = ws
+    m.set_test_time_updates(False)
+    logits = m(ids, state=state).logits
+    m.set_test_time_updates(True)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1), reduction="sum")
+    flat = torch.autograd.grad(loss, [w for ws in leaves for w in ws])
+    return [w.detach() for ws in leaves for w in ws], list(flat)
+
+
+def test_inner_update_is_a_gradient_step_on_the_in_segment_lm_loss():
+    """Eq 71 with the "lm" objective: level l's step = eta_l / C_l * sum of its segment gradients, each the gradient
+    of the segment's next-token loss with the state at the segment start held fixed; level 2 waits for 2 segments."""
+    m = tiny(HOPE, cms_inner_lr=0.1, cms_grad_clip=None)
+    x = torch.randint(0, V, (2, 8))
+    w0, g1 = _lm_grads(m, m.initial_state(2), x[:, :4])
+    with torch.no_grad():
+        s4 = m(x[:, :4]).state
+    w4, g2 = _lm_grads(m, m(x[:, :4]).state, x[:, 4:])
+    with torch.no_grad():
+        s8 = m(x).state
+    eta = [b.cms.inner_lr().detach() for b in m.blocks]
+    k = len(CHUNKS)
+    for i in range(len(m.blocks)):
+        lvl = lambda level, i=i: i * k + level  # noqa: E731
+        torch.testing.assert_close(
+            s4.cms[i].weights[0], w0[lvl(0)] - eta[i][0] / 4 * g1[lvl(0)], rtol=0, atol=1e-10
+        )
+        # level 2 has accumulated its first segment's gradient but not applied it
+        torch.testing.assert_close(s4.cms[i].grads[1], g1[lvl(1)], rtol=0, atol=1e-10)
+        assert torch.equal(s4.cms[i].weights[1], w0[lvl(1)])
+        expected = w0[lvl(1)] - eta[i][1] / 8 * (g1[lvl(1)] + g2[lvl(1)])
+        torch.testing.assert_close(s8.cms[i].weights[1], expected, rtol=0, atol=1e-10)
+        torch.testing.assert_close(
+            s8.cms[i].weights[0], w4[lvl(0)] - eta[i][0] / 4 * g2[lvl(0)], rtol=0, atol=1e-10
+        )
+        torch.testing.assert_close(s8.cms[i].grads[2], g1[lvl(2)] + g2[lvl(2)], rtol=0, atol=1e-10)
+
+
+def test_meta_mode_backpropagates_through_the_inner_updates():
+    """The outer gradient w.r.t. a slow CMS weight matches finite differences of the loss (inner updates included)
+    in meta mode; first-order mode, which detaches the inner gradients, does not."""
+    x = torch.randint(0, V, (1, 16))
+    grads = {}
+    for mode in ("first_order", "meta"):
+        m = tiny(HOPEAttention, cms_mode=mode)
+        (grads[mode],) = torch.autograd.grad(m(x, labels=x).loss, m.blocks[0].cms.down[0].weight)
+    m = tiny(HOPEAttention)
+    w = m.blocks[0].cms.down[0].weight
+    direction = torch.randn_like(w)
+    eps = 1e-4
+    with torch.no_grad():
+        w += eps * direction
+        plus = m(x, labels=x).loss
+        w -= 2 * eps * direction
+        minus = m(x, labels=x).loss
+    fd = ((plus - minus) / (2 * eps)).item()
+    meta, first = (grads["meta"] * direction).sum().item(), (grads["first_order"] * direction).sum().item()
+    assert abs(meta - fd) < 1e-4 * abs(fd)
+    assert abs(first - fd) > 1e-2 * abs(fd)
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_fused_first_order_path_equals_meta_path_when_rates_are_zero(cls):
+    """Two code paths for the outer loss and head gradient: with eta = 0 meta and first-order must agree."""
+    x, y = torch.randint(0, V, (2, 13)), torch.randint(0, V, (2, 13))
+    y[0, 3] = -100
+    grads = {}
+    for mode in ("first_order", "meta"):
+        m = tiny(cls, cms_inner_lr=0.0, cms_mode=mode)
+        out = m(x, labels=y)
+        torch.testing.assert_close(out.loss, lm_loss(out.logits, y).double(), rtol=0, atol=1e-6)
+        out.loss.backward()
+        grads[mode] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    assert grads["meta"].keys() == grads["first_order"].keys()
+    for n, g in grads["meta"].items():
+        torch.testing.assert_close(grads["first_order"][n], g, rtol=0, atol=1e-12)
