@@ -12,10 +12,9 @@ from nested_learning.training import Trainer, TrainConfig
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    import os
-
-    os.environ.setdefault("NESTED_LEARNING_CACHE", str(tmp_path_factory.mktemp("cache")))
-    return load_tokens("train", max_docs=400), load_tokens("val", max_docs=400)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NESTED_LEARNING_CACHE", str(tmp_path_factory.mktemp("cache")))
+        return load_tokens("train", max_docs=400), load_tokens("val", max_docs=400)
 
 
 def test_transformer_loss_falls_on_real_text(corpus, tmp_path):
