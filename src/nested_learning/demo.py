@@ -22,13 +22,13 @@ from nested_learning.training.config import TrainConfig, apply_overrides
 DEMO_BASE = TrainConfig(
     size="tiny",
     seq_len=128,
-    batch_size=16,
-    lr=3e-3,
+    batch_size=4,
+    lr=1e-2,
     weight_decay=0.1,
-    warmup_steps=30,
+    warmup_steps=10,
     max_steps=60,
     eval_every=20,
-    eval_batches=20,
+    eval_batches=10,
     eval_batch_size=16,
     out_dir="runs/demo",
     tensorboard=False,
@@ -39,7 +39,7 @@ DEMO_BASE = TrainConfig(
 @dataclasses.dataclass
 class DemoConfig:
     models: tuple = ("transformer", "hope")
-    steps: int = 60
+    steps: int = 100
     out_dir: str = "runs/demo"
     prompt: str = "The history of the"
     sample_tokens: int = 40
@@ -72,7 +72,7 @@ def run_demo(demo: DemoConfig, train_overrides: dict[str, Any] | None = None) ->
     for name in demo.models:
         config = dataclasses.replace(DEMO_BASE, model=name, max_steps=demo.steps, seed=demo.seed,
                                      out_dir=str(out_dir / name), max_docs=demo.max_docs,
-                                     eval_every=max(1, demo.steps // 3))
+                                     eval_every=max(1, demo.steps // 2))
         config = apply_overrides(config, train_overrides or {})
         torch.manual_seed(config.seed)
         model = build_model(name, config.size, **config.model_overrides)
