@@ -4,6 +4,7 @@
 Every sequence layer follows ``y, state = layer(x, state=None)`` with a :class:`LayerState`."""
 
 from .baselines import DeltaNetLayer, LinearAttentionLayer, MatrixMemoryState
+from .cms import CMSState, ContinuumMemorySystem
 from .conv import ShortConv
 from .memories import FastWeightMemory, LinearMemory, MLPMemory
 from .neural_memory import NeuralMemory, NeuralMemoryState
@@ -13,6 +14,8 @@ from .state import LayerState
 TitansLayer = NeuralMemory
 
 __all__ = [
+    "CMSState",
+    "ContinuumMemorySystem",
     "DeltaNetLayer",
     "LinearAttentionLayer",
     "MatrixMemoryState",

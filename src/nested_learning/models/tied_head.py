@@ -67,10 +67,12 @@ class SegmentedHead:
         first b-a-1 positions when ``need_probs`` (for the inner gradient), else None."""
         if self.direct:
             logits = self.buffer[:, a:b]
-            if logits.is_contiguous():
-                torch.matmul(h.detach(), Wt, out=logits)
-            else:
-                logits.copy_(h.detach() @ Wt)
+            hd = h.detach().to(Wt.dtype)
+            with torch.autocast(h.device.type, enabled=False):  # the buffer has the head's dtype
+                if logits.is_contiguous():
+                    torch.matmul(hd, Wt, out=logits)
+                else:
+                    logits.copy_(hd @ Wt)
             lse = torch.logsumexp(logits, dim=-1)
             self.h.append(h)
             self.lse.append(lse)
