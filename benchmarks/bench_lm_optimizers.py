@@ -20,7 +20,8 @@ import torch
 
 from nested_learning.data import load_tokens
 from nested_learning.models import build_model
-from nested_learning.training import Trainer, TrainConfig
+from nested_learning.training import TrainConfig, Trainer
+from nested_learning.training.cpu_memory import keep_freed_cpu_memory
 
 GRIDS = {"adamw": [3e-3, 1e-2], "muon": [3e-3, 1e-2], "m3": [1e-4, 1e-3]}
 EXTRA = {"m3": {"adam_lr": 1e-2}}  # M3's element-wise path (embeddings, gains) uses AdamW's best grid rate
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write a markdown table here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_cpu_memory()  # as the trainer does
     seeds = [int(s) for s in args.seeds.split(",")]
     size = {"dim": args.dim}
     train, val = load_tokens("train"), load_tokens("val")

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from nested_learning.training.cpu_memory import keep_freed_cpu_memory
+
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import time_fn  # noqa: E402
 
@@ -159,6 +161,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-parts", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_cpu_memory()  # as the trainer does
     seq_lens = [64, 128] if args.quick else [int(s) for s in args.seq_lens.split(",")]
     stream_lens = [256, 512] if args.quick else [int(s) for s in args.stream_lens.split(",")]
     print(

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from nested_learning.training.cpu_memory import keep_freed_cpu_memory
+
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import matmul_flops_per_s, time_fn  # noqa: E402
 
@@ -38,6 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_cpu_memory()  # as the trainer does
     torch.manual_seed(0)
     model = TransformerPP.from_preset(args.size)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -50,7 +53,7 @@ def main(argv=None) -> int:
     for T in seq_lens:
         x = torch.randint(0, model.config.vocab_size, (args.batch, T))
 
-        def step():
+        def step(x=x):
             loss = model(x, labels=x).loss
             loss.backward()
             opt.step()

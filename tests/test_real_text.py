@@ -7,7 +7,7 @@ import torch
 
 from nested_learning.data import load_tokens
 from nested_learning.models import build_model
-from nested_learning.training import Trainer, TrainConfig
+from nested_learning.training import TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from nested_learning.models import build_model
-from nested_learning.training import Trainer, TrainConfig, TrainingDiverged
+from nested_learning.training import TrainConfig, Trainer, TrainingDiverged
 from nested_learning.training import checkpoint as ckpt
 
 VOCAB = 64

@@ -77,6 +77,9 @@ PASSTHROUGH = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from nested_learning.training.cpu_memory import keep_freed_cpu_memory
+
+    keep_freed_cpu_memory()
     if argv and argv[0] in PASSTHROUGH:
         import importlib
 

@@ -22,7 +22,7 @@ from nested_learning.training.config import TrainConfig, apply_overrides
 DEMO_BASE = TrainConfig(
     size="tiny",
     seq_len=128,
-    batch_size=4,
+    batch_size=8,
     lr=1e-2,
     weight_decay=0.1,
     warmup_steps=10,
@@ -39,7 +39,7 @@ DEMO_BASE = TrainConfig(
 @dataclasses.dataclass
 class DemoConfig:
     models: tuple = ("transformer", "hope")
-    steps: int = 100
+    steps: int = 200
     out_dir: str = "runs/demo"
     prompt: str = "The history of the"
     sample_tokens: int = 40
@@ -52,7 +52,11 @@ class DemoConfig:
 def run_demo(demo: DemoConfig, train_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     from nested_learning.data import get_tokenizer, load_tokens, unigram_perplexity
     from nested_learning.evaluation.harness import has_test_time_switch
-    from nested_learning.evaluation.language_modeling import StreamConfig, long_documents, streaming_perplexities
+    from nested_learning.evaluation.language_modeling import (
+        StreamConfig,
+        long_documents,
+        streaming_perplexities,
+    )
     from nested_learning.evaluation.plots import plot_loss_curves
     from nested_learning.models import build_model
     from nested_learning.training import Trainer

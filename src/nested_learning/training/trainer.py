@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from nested_learning.training import checkpoint as ckpt
 from nested_learning.training.config import TrainConfig
+from nested_learning.training.cpu_memory import keep_freed_cpu_memory
 from nested_learning.training.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -73,6 +74,8 @@ class Trainer:
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            keep_freed_cpu_memory()
         self.dist: DistInfo = init_distributed(self.device)
         torch.manual_seed(config.seed)
         if model is None:
