@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from torch.optim import Optimizer
 
+from ._base import ParameterwiseOptimizer
 from ._validation import check_lr, check_nonnegative
 from .memory_solutions import ridge_momentum
 
 
-class AdaGradAsMemory(Optimizer):
+class AdaGradAsMemory(ParameterwiseOptimizer):
     """AdaGrad as the Eq 101/102 regression with a first memory that keeps only the current gradient (Eq 106-111);
     equal to ``torch.optim.Adagrad``.
 
@@ -48,27 +48,17 @@ class AdaGradAsMemory(Optimizer):
         )
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = -p.grad if group["maximize"] else p.grad
-                if group["weight_decay"] != 0:
-                    g = g.add(p, alpha=group["weight_decay"])
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["second"] = torch.full_like(p, group["initial_accumulator_value"])
-                state["step"] += 1
-                state["second"].addcmul_(g, g)
-                target = state["second"].sqrt()  # P = sqrt(H), Eq 108
-                m_star = ridge_momentum(g, state["second"], target, ridge=group["eps"] * target)
-                lr_t = group["lr"] / (1 + (state["step"] - 1) * group["lr_decay"])
-                p.sub_(lr_t * m_star)
-        return loss
+    def update(self, p: torch.Tensor, group: dict) -> None:
+        g = -p.grad if group["maximize"] else p.grad
+        if group["weight_decay"] != 0:
+            g = g.add(p, alpha=group["weight_decay"])
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["second"] = torch.full_like(p, group["initial_accumulator_value"])
+        state["step"] += 1
+        state["second"].addcmul_(g, g)
+        target = state["second"].sqrt()  # P = sqrt(H), Eq 108
+        m_star = ridge_momentum(g, state["second"], target, ridge=group["eps"] * target)
+        lr_t = group["lr"] / (1 + (state["step"] - 1) * group["lr_decay"])
+        p.sub_(lr_t * m_star)

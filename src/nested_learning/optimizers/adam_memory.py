@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from torch.optim import Optimizer
 
+from ._base import ParameterwiseOptimizer
 from ._validation import check_betas, check_lr, check_nonnegative
 from .memory_solutions import ridge_momentum
 
 
-class AdamAsMemory(Optimizer):
+class AdamAsMemory(ParameterwiseOptimizer):
     """Adam as the optimal element-wise momentum of Eq 101, computed through Eq 102; equal to ``torch.optim.Adam``.
 
     Eq 101 asks for the momentum m that maps every past gradient g_i to a target P,
@@ -57,41 +57,31 @@ class AdamAsMemory(Optimizer):
         )
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = -p.grad if group["maximize"] else p.grad
-                if wd != 0:
-                    if group["decoupled_weight_decay"]:
-                        p.mul_(1 - lr * wd)
-                    else:
-                        g = g.add(p, alpha=wd)
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["first"] = torch.zeros_like(p)
-                    state["second"] = torch.zeros_like(p)
-                    if group["amsgrad"]:
-                        state["second_max"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"]
-                state["first"].lerp_(g, 1 - beta1)
-                state["second"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                second = state["second"]
-                if group["amsgrad"]:
-                    torch.maximum(state["second_max"], second, out=state["second_max"])
-                    second = state["second_max"]
-                first_hat = state["first"] / (1 - beta1**t)
-                second_hat = second / (1 - beta2**t)
-                target = second_hat.sqrt()  # P = sqrt(H^), Eq 103
-                p.sub_(lr * ridge_momentum(first_hat, second_hat, target, ridge=eps * target))
-        return loss
+    def update(self, p: torch.Tensor, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        g = -p.grad if group["maximize"] else p.grad
+        if wd != 0:
+            if group["decoupled_weight_decay"]:
+                p.mul_(1 - lr * wd)
+            else:
+                g = g.add(p, alpha=wd)
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["first"] = torch.zeros_like(p)
+            state["second"] = torch.zeros_like(p)
+            if group["amsgrad"]:
+                state["second_max"] = torch.zeros_like(p)
+        state["step"] += 1
+        t = state["step"]
+        state["first"].lerp_(g, 1 - beta1)
+        state["second"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        second = state["second"]
+        if group["amsgrad"]:
+            torch.maximum(state["second_max"], second, out=state["second_max"])
+            second = state["second_max"]
+        first_hat = state["first"] / (1 - beta1**t)
+        second_hat = second / (1 - beta2**t)
+        target = second_hat.sqrt()  # P = sqrt(H^), Eq 103
+        p.sub_(lr * ridge_momentum(first_hat, second_hat, target, ridge=eps * target))

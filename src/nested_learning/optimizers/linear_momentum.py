@@ -14,14 +14,14 @@ lr scheduler does not rescale what the memory already holds; for a constant lr t
 from __future__ import annotations
 
 import torch
-from torch.optim import Optimizer
 
+from ._base import ParameterwiseOptimizer
 from ._validation import check_choice, check_lr, check_nonnegative, check_unit_interval
 from .feature_maps import FEATURE_MAPS, resolve_feature_map
 from .preconditioners import PRECONDITIONERS, precondition
 
 
-class LinearMomentumMemory(Optimizer):
+class LinearMomentumMemory(ParameterwiseOptimizer):
     """Base class: subclasses implement ``_retain(buffer, key, group)`` (in place)."""
 
     def __init__(self, params, defaults: dict) -> None:
@@ -38,27 +38,17 @@ class LinearMomentumMemory(Optimizer):
     def _retain(self, buffer: torch.Tensor, key: torch.Tensor, group: dict) -> None:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            phi = resolve_feature_map(group["feature_map"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if group["weight_decay"] != 0:
-                    g = g.add(p, alpha=group["weight_decay"])
-                state = self.state[p]
-                if "momentum" not in state:
-                    state["momentum"] = torch.zeros_like(p)
-                key = phi(g)
-                value = precondition(group["preconditioner"], state, key, group["beta2"], group["eps"])
-                buffer = state["momentum"]
-                self._retain(buffer, key, group)
-                buffer.add_(value)
-                p.add_(buffer, alpha=-group["lr"])
-        return loss
+    def update(self, p: torch.Tensor, group: dict) -> None:
+        phi = resolve_feature_map(group["feature_map"])
+        g = p.grad
+        if group["weight_decay"] != 0:
+            g = g.add(p, alpha=group["weight_decay"])
+        state = self.state[p]
+        if "momentum" not in state:
+            state["momentum"] = torch.zeros_like(p)
+        key = phi(g)
+        value = precondition(group["preconditioner"], state, key, group["beta2"], group["eps"])
+        buffer = state["momentum"]
+        self._retain(buffer, key, group)
+        buffer.add_(value)
+        p.add_(buffer, alpha=-group["lr"])

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torch.optim import Optimizer
 
 from ..ops import newton_schulz
 from ._adam_path import adamw_update
+from ._base import ParameterwiseOptimizer
 from ._validation import check_betas, check_choice, check_lr, check_nonnegative, check_positive_int
 from .param_groups import split_matrix_groups
 
@@ -14,7 +14,7 @@ MOMENTUM_MODES = ("ema", "accumulate")
 EPS_MODES = ("outside", "inside")
 
 
-class M3(Optimizer):
+class M3(ParameterwiseOptimizer):
     """Algorithm 1 (M3): the continuum memory system applied to the optimiser's own context, the gradients.
 
     For a 2-D parameter (group flag ``orthogonalize=True``), step t with gradient g_t:
@@ -91,22 +91,12 @@ class M3(Optimizer):
             if group["orthogonalize"] and any(p.ndim != 2 for p in group["params"]):
                 raise ValueError("groups with orthogonalize=True may only hold 2-D parameters")
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                if group["orthogonalize"]:
-                    self._m3_update(p, group)
-                else:
-                    adamw_update(p, self.state[p], group["lr"], group["betas"][:2], group["eps"])
-        return loss
+    def update(self, p: torch.Tensor, group: dict) -> None:
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        if group["orthogonalize"]:
+            self._m3_update(p, group)
+        else:
+            adamw_update(p, self.state[p], group["lr"], group["betas"][:2], group["eps"])
 
     def _orthogonalize(self, m: torch.Tensor, group: dict) -> torch.Tensor:
         return newton_schulz(m, steps=group["ns_steps"], coefficients=group["ns_coefficients"])

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from torch.optim import Optimizer
 
+from ._base import ParameterwiseOptimizer
 from ._validation import check_lr, check_nonnegative, check_unit_interval
 from .memory_solutions import dot_product_momentum
 
 
-class MomentumAsMemory(Optimizer):
+class MomentumAsMemory(ParameterwiseOptimizer):
     """Momentum as the argmin of the dot-product objective (Eq 10-13); equal to ``torch.optim.SGD``.
 
     Level 2 (the memory) compresses the gradient stream into m; level 1 (the weights) reads it:
@@ -49,28 +49,18 @@ class MomentumAsMemory(Optimizer):
         )
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            mu = group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = -p.grad if group["maximize"] else p.grad
-                if group["weight_decay"] != 0:
-                    g = g.add(p, alpha=group["weight_decay"])
-                update = g
-                if mu != 0:
-                    state = self.state[p]
-                    if "momentum" not in state:
-                        state["momentum"] = g.detach().clone()
-                    else:
-                        dot_product_momentum(state["momentum"], g, alpha=mu, eta=1 - group["dampening"])
-                    m = state["momentum"]
-                    update = g.add(m, alpha=mu) if group["nesterov"] else m
-                p.add_(update, alpha=-group["lr"])
-        return loss
+    def update(self, p: torch.Tensor, group: dict) -> None:
+        mu = group["momentum"]
+        g = -p.grad if group["maximize"] else p.grad
+        if group["weight_decay"] != 0:
+            g = g.add(p, alpha=group["weight_decay"])
+        update = g
+        if mu != 0:
+            state = self.state[p]
+            if "momentum" not in state:
+                state["momentum"] = g.detach().clone()
+            else:
+                dot_product_momentum(state["momentum"], g, alpha=mu, eta=1 - group["dampening"])
+            m = state["momentum"]
+            update = g.add(m, alpha=mu) if group["nesterov"] else m
+        p.add_(update, alpha=-group["lr"])

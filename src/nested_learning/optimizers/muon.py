@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim import Optimizer
 
 from ..ops import newton_schulz
 from ._adam_path import adamw_update
+from ._base import ParameterwiseOptimizer
 from ._validation import (
     check_betas,
     check_choice,
@@ -31,7 +31,7 @@ def _lr_scale(shape: torch.Size, adjust_lr: str) -> float:
     return 1.0
 
 
-class Muon(Optimizer):
+class Muon(ParameterwiseOptimizer):
     """Muon (Eq 52: momentum whose output goes through the non-linearity sigma = Newton-Schulz) plus AdamW.
 
     For a group with ``use_muon=True`` (2-D parameters only):
@@ -86,22 +86,12 @@ class Muon(Optimizer):
             if group["use_muon"] and any(p.ndim != 2 for p in group["params"]):
                 raise ValueError("groups with use_muon=True may only hold 2-D parameters")
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                if group["use_muon"]:
-                    self._muon_update(p, group)
-                else:
-                    adamw_update(p, self.state[p], group["lr"], group["adamw_betas"], group["adamw_eps"])
-        return loss
+    def update(self, p: torch.Tensor, group: dict) -> None:
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        if group["use_muon"]:
+            self._muon_update(p, group)
+        else:
+            adamw_update(p, self.state[p], group["lr"], group["adamw_betas"], group["adamw_eps"])
 
     def _muon_update(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
