@@ -168,7 +168,8 @@ class CMSLanguageModel(LanguageModel):
         """Per block, per level, the gradient of the segment's inner objective w.r.t. the flat fast weights.
 
         "lm": the loss's gradient at the final hidden state, dL/dh_t = (softmax_t - onehot(x_{t+1})) W (zero for the
-        segment's last token), written out because (S, V) @ (V, d) with the head as stored is a fast GEMM; then one
+        segment's last token), written out as softmax @ W - W[x_{t+1}] because (S, V) @ (V, d) with the head as
+        stored is a fast GEMM and the softmax buffer is then left as it is (the outer backward reuses it); then one
         ``autograd.grad`` call from h to every level's pre-activation and branch output OF THIS SEGMENT
         (intermediate tensors, so the state at the segment start is held fixed and nothing else is computed). The
         weight gradients follow from these factors (``ContinuumMemorySystem.weight_grads``)."""
@@ -178,11 +179,11 @@ class CMSLanguageModel(LanguageModel):
                 for b, c, cs in zip(self.blocks, caches, cms)
             ]
         with torch.set_grad_enabled(meta):  # probs: softmax at positions 0..S-2 of the segment
-            minus_one = torch.full_like(probs[..., :1], -1.0)
-            # subtract the one-hot of the next token (in place when no graph is kept)
-            scatter = probs.scatter_add if meta else probs.scatter_add_
-            d = scatter(-1, ids[:, 1:, None], minus_one)
-            dh = F.pad(d.to(W.dtype) @ W, (0, 0, 0, 1))
+            if meta:  # (B, S-1, V) with graph
+                dh = probs.to(W.dtype) @ W
+            else:  # time-major (S-1, B, V): one plain GEMM
+                dh = (probs.to(W.dtype) @ W).transpose(0, 1)
+            dh = F.pad(dh - F.embedding(ids[:, 1:], W), (0, 0, 0, 1))  # (softmax - onehot(x_{t+1})) W
         factors = [t for cache in caches for _, pre, _, delta in cache for t in (pre, delta)]
         g = torch.autograd.grad(h, factors, dh, retain_graph=outer, create_graph=meta, materialize_grads=True)
         out, i = [], 0
@@ -222,7 +223,7 @@ class CMSLanguageModel(LanguageModel):
         Wt = (W if meta else W.detach()).t().contiguous()  # (d, V): one copy per call, h @ Wt is a plain GEMM
         kernel = (lambda: sdpa_kernel([SDPBackend.MATH])) if meta else contextlib.nullcontext
         x_all = self.embed(ids)
-        head = SegmentedHead(ids.shape, W, direct)
+        head = SegmentedHead(ids.shape, W, direct, keep_probs=direct and outer and labels is not None)
         mixers, cms, start, position = list(state.mixers), list(state.cms), 0, state.position
         for a, b in segment_bounds(ids.shape[1], C, split=learn):
             ends_on_boundary = b % C == 0

@@ -2,10 +2,16 @@
 
 Each segment needs its logits at once (its next-token loss drives the CMS levels' inner step), but the head's WEIGHT
 gradient of the outer loss is only needed at the end. :class:`SegmentedHead` therefore writes every segment's logits
-into one buffer without graph, with a per-row log-sum-exp instead of a materialised log-softmax, and
-:class:`TiedHead` attaches the head's graph to the whole buffer once per call: one (V, T) x (T, d) GEMM for the
-weight gradient instead of one (V, d) gradient per segment. In meta mode (second order through the inner steps) the
-logits must carry their graph, so every segment computes them the plain way and the loss is summed per segment.
+into one buffer without graph, and :class:`TiedHead` attaches the head's graph to the whole buffer once per call: one
+(V, T) x (T, d) GEMM for the weight gradient instead of one (V, d) gradient per segment. In meta mode (second order
+through the inner steps) the logits must carry their graph, so every segment computes them the plain way and the
+loss is summed per segment.
+
+The softmax is computed once per position. Each segment's softmax goes into a time-major buffer ``(T, B, V)`` (a
+segment is then one contiguous block, and ``probs @ W`` one plain GEMM); the inner gradient reads it, and in training
+the backward of the outer loss reuses it instead of exponentiating the logits again. With ``onehot`` the label's
+one-hot row, the head's gradients are written as ``softmax @ W - W[label]`` and ``softmax^T h - scatter(h)``, so the
+(T, V) softmax is never modified for the labels. The cost is one extra (T, B, V) buffer while training.
 """
 
 from __future__ import annotations
@@ -21,62 +27,113 @@ def nll_sum(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> to
     return ((lse - picked) * valid).sum()
 
 
+def softmax_into(p: torch.Tensor) -> torch.Tensor:
+    """Turn the logits held in ``p: (..., V)`` into their softmax in place; returns the log-sum-exp ``(...)``."""
+    m = p.amax(-1, keepdim=True)
+    p.sub_(m).exp_()
+    s = p.sum(-1, keepdim=True)
+    p.div_(s)
+    return (m + s.log()).squeeze(-1)
+
+
 class TiedHead(torch.autograd.Function):
     """``logits = h W^T`` and the summed NLL of ``labels``, both already computed with W held constant; the
     backward is the usual one: ``d = dlogits + dloss (softmax - onehot)``, ``dh = d W``, ``dW = d^T h``.
-    h: (B, T, d), W: (V, d), logits: (B, T, V), lse: (B, T) log-sum-exp of the logits, labels: (B, T) or None."""
+    h: (B, T, d), W: (V, d), logits: (B, T, V), lse: (B, T) log-sum-exp of the logits, labels: (B, T) or None,
+    probs: None or the softmax, time-major (T, B, V), which the first backward may overwrite (it is this call's
+    own buffer); a second backward (retain_graph) recomputes it from the logits."""
 
     @staticmethod
-    def forward(ctx, h, W, logits, lse, labels):
+    def forward(ctx, h, W, logits, lse, labels, probs):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(h, W, logits, lse, labels)
+        ctx.probs = probs
         nll = nll_sum(logits, lse, labels) if labels is not None else logits.new_zeros(())
         return logits.view_as(logits), nll
 
     @staticmethod
     def backward(ctx, g_logits, g_nll):
         h, W, logits, lse, labels = ctx.saved_tensors
-        d = g_logits
+        dh = dW = None
+        want_h, want_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if g_nll is not None and labels is not None:
-            p = (logits - lse[..., None]).exp_()
-            p.scatter_add_(-1, labels.clamp_min(0)[..., None], torch.full_like(p[..., :1], -1.0))
-            p.mul_(((labels != -100) * g_nll)[..., None])
-            d = p if d is None else d + p
-        if d is None:
-            return None, None, None, None, None
-        d = d.to(W.dtype)
-        dh = d @ W if ctx.needs_input_grad[0] else None
-        dW = d.flatten(0, -2).T @ h.flatten(0, -2) if ctx.needs_input_grad[1] else None
-        return dh, dW, None, None, None
+            p, ctx.probs = ctx.probs, None
+            if p is None:  # recompute the softmax (time-major, as the forward stores it)
+                p = (logits - lse[..., None]).exp_().transpose(0, 1).contiguous()
+            scale = ((labels != -100) * g_nll).to(W.dtype)  # (B, T)
+            p.mul_(scale.T[..., None])  # (T, B, V): dloss * softmax
+            T, B, V = p.shape
+            rows = p.view(T * B, V)
+            target = labels.clamp_min(0)
+            if want_h:
+                dh = (rows @ W).view(T, B, -1).transpose(0, 1) - scale[..., None] * F.embedding(target, W)
+            if want_W:
+                h_tm = h.detach().transpose(0, 1).reshape(T * B, -1).to(W.dtype)
+                dW = rows.T @ h_tm
+                dW.index_add_(0, target.reshape(-1), (h.detach().to(W.dtype) * scale[..., None]).reshape(B * T, -1),
+                              alpha=-1)
+        if g_logits is not None:
+            g = g_logits.to(W.dtype)
+            if want_h:
+                dh = g @ W if dh is None else dh + g @ W
+            if want_W:
+                extra = g.flatten(0, -2).T @ h.detach().flatten(0, -2).to(W.dtype)
+                dW = extra if dW is None else dW + extra
+        if dh is not None:
+            dh = dh.to(h.dtype)
+        return dh, dW, None, None, None, None
 
 
 class SegmentedHead:
     """Collects the logits of a call's segments; ``shape = (B, L)`` of the ids run (pending tokens included).
 
-    ``direct``: logits without graph into one buffer, softmax via a per-row log-sum-exp (first-order training and
-    no-grad use); otherwise (meta) per-segment logits with graph and a per-segment log-softmax."""
+    ``direct``: logits without graph into one buffer (first-order training and no-grad use); ``keep_probs``: keep
+    every position's softmax for the outer backward (direct training with labels). Otherwise (meta) per-segment
+    logits with graph and a per-segment log-softmax."""
 
-    def __init__(self, shape, W: torch.Tensor, direct: bool):
+    def __init__(self, shape, W: torch.Tensor, direct: bool, keep_probs: bool = False):
         self.W, self.direct = W, direct
         B, L = shape
-        self.buffer = W.new_empty(B, L, W.shape[0]) if direct else None
+        V = W.shape[0]
+        self.buffer = W.new_empty(B, L, V) if direct else None
+        self.probs = W.new_empty(L, B, V) if direct and keep_probs else None
+        self.scratch = None
         self.h, self.lse, self.logits, self.logp = [], [], [], []
+
+    def _probs_block(self, a: int, b: int) -> torch.Tensor:
+        """Where the softmax of positions a..b-1 goes: (b-a, B, V), contiguous."""
+        if self.probs is not None:
+            return self.probs[a:b]
+        B, S = self.buffer.shape[0], b - a
+        if self.scratch is None or self.scratch.shape[0] < S:  # one segment's worth, reused
+            self.scratch = self.buffer.new_empty(S, B, self.buffer.shape[-1])
+        return self.scratch[:S]
 
     def segment(self, h: torch.Tensor, Wt: torch.Tensor, a: int, b: int, need_probs: bool):
         """Logits of positions a..b-1 from the final hidden state ``h: (B, b-a, d)``; returns the softmax of the
-        first b-a-1 positions when ``need_probs`` (for the inner gradient), else None."""
+        first b-a-1 positions when ``need_probs`` (for the inner gradient), else None. In direct mode that softmax
+        is TIME-MAJOR, ``(b-a-1, B, V)``; in meta mode it is ``(B, b-a-1, V)`` with graph."""
         if self.direct:
             logits = self.buffer[:, a:b]
             hd = h.detach().to(Wt.dtype)
-            with torch.autocast(h.device.type, enabled=False):  # the buffer has the head's dtype
-                if logits.is_contiguous():
-                    torch.matmul(hd, Wt, out=logits)
-                else:
-                    logits.copy_(hd @ Wt)
-            lse = torch.logsumexp(logits, dim=-1)
+            if need_probs or self.probs is not None:
+                p = self._probs_block(a, b)
+                S, B, V = p.shape
+                with torch.autocast(h.device.type, enabled=False):  # the buffers have the head's dtype
+                    # one 2-D GEMM into the contiguous block (matmul with a strided input and out= is ~3x slower)
+                    torch.mm(hd.transpose(0, 1).reshape(S * B, -1), Wt, out=p.view(S * B, V))
+                logits.copy_(p.transpose(0, 1))
+                lse = softmax_into(p).transpose(0, 1)
+            else:
+                with torch.autocast(h.device.type, enabled=False):
+                    if logits.is_contiguous():
+                        torch.matmul(hd, Wt, out=logits)
+                    else:
+                        logits.copy_(hd @ Wt)
+                lse, p = torch.logsumexp(logits, dim=-1), None
             self.h.append(h)
             self.lse.append(lse)
-            return (logits[:, :-1] - lse[:, :-1, None]).exp_() if need_probs else None
+            return p[:-1] if need_probs else None
         logits = h @ Wt
         logp = F.log_softmax(logits, dim=-1)
         self.logits.append(logits)
@@ -90,7 +147,8 @@ class SegmentedHead:
             logits = self.buffer[:, P:]
             lse = torch.cat(self.lse, dim=1)[:, P:] if self.lse else logits.new_zeros(logits.shape[:2])
             if torch.is_grad_enabled() and self.h:  # attach the head's graph once for the whole call
-                logits, total = TiedHead.apply(torch.cat(self.h, dim=1)[:, P:], self.W, logits, lse, labels)
+                probs = self.probs[P:] if self.probs is not None else None
+                logits, total = TiedHead.apply(torch.cat(self.h, dim=1)[:, P:], self.W, logits, lse, labels, probs)
             else:
                 total = nll_sum(logits, lse, labels) if labels is not None else None
         else:
