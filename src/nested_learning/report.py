@@ -64,7 +64,9 @@ class _Runner:
         from nested_learning.evaluation.harness import write_json
 
         if not force and self.done(key, model, seed) and (suite != "lm" or self.backbone_path(model, seed).is_file()):
-            self.seconds.setdefault(f"{key}/{model}", 0.0)
+            # reused: count the time the run took when it was made
+            recorded = json.loads(self.path(key, model, seed).read_text()).get("seconds", 0.0)
+            self.seconds[f"{key}/{model}"] = self.seconds.get(f"{key}/{model}", 0.0) + recorded
             return
         t0 = time.perf_counter()
         p = self.preset
@@ -152,7 +154,8 @@ def run_report(preset: str, out_dir: str | Path = "results", seeds=None, models=
                                    "traceback": traceback.format_exc()})
             tqdm.write(f"{key}/{model}/seed{seed} failed: {type(err).__name__}: {err}")
     records, failed = runner.records(jobs)
-    runner.seconds["total"] = time.perf_counter() - t0
+    runner.seconds["all runs (sum)"] = sum(runner.seconds.values())
+    runner.seconds["this call"] = time.perf_counter() - t0
     text = render(p, records, failed, out, runner.seconds)
     report = out / "REPORT.md"
     report.write_text(text)

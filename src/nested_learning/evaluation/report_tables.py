@@ -182,7 +182,7 @@ def render(preset, records: list[dict], failures: list[dict], out_dir: Path, sec
     time_rows = [[k, f"{v:.0f}"] for k, v in sorted(seconds.items())]
     body = [lm_section(records, plot_dir), continual_section(records, plot_dir, preset.benchmarks),
             niah_section(records, plot_dir), synthetic_section(records, plot_dir)]
-    tail = ["## Run time", "", _table(["suite/model", "seconds (this run; 0 = reused)"], time_rows), ""]
+    tail = ["## Run time", "", _table(["suite/model", "seconds (reused runs: as recorded when made)"], time_rows), ""]
     if failures:
         tail += ["## Failed runs", "", _table(["suite", "model", "seed", "error"],
                                               [[f["key"], f["model"], str(f["seed"]), f["error"][:200]] for f in failures]), ""]
