@@ -61,7 +61,7 @@ def small() -> ReportPreset:
     return ReportPreset(
         name="small",
         seeds={"lm": (0,), "continual": (0,), "niah": (0,), "synthetic": (0, 1, 2)},
-        pretrain=PretrainConfig(size="tiny", steps=80, seq_len=128, batch_size=8, lr=3e-3, max_docs=5000,
+        pretrain=PretrainConfig(size="tiny", steps=200, seq_len=128, batch_size=8, lr=3e-3, max_docs=5000,
                                 eval_batches=5),
         stream=StreamConfig(n_docs=3, min_tokens=1024, max_tokens=1024, chunk=256),
         continual=CLConfig(n_tasks=4, classes_per_task=3, train_per_class=6, test_per_class=3, epochs=2,
