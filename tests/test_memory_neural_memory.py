@@ -31,6 +31,9 @@ def reference_reads(layer: NeuralMemory, x: torch.Tensor, fn):
                 M_chunk = [w.clone().requires_grad_() for w in M[n]]
             loss = (fn(M_chunk, k[n, t]) - v[n, t]).pow(2).sum()
             grads = torch.autograd.grad(loss, M_chunk)
+            if layer.grad_clip is not None:  # the token's whole gradient, scaled to norm <= grad_clip
+                norm = torch.sqrt(sum(g.square().sum() for g in grads))
+                grads = [g * min(1.0, layer.grad_clip / norm.item()) for g in grads]
             S[n] = [eta[n, t] * s - theta[n, t] * g for s, g in zip(S[n], grads)]
             M[n] = [keep[n, t] * m + s for m, s in zip(M[n], S[n])]
             reads[n, t] = fn(M[n], q[n, t])
@@ -39,9 +42,11 @@ def reference_reads(layer: NeuralMemory, x: torch.Tensor, fn):
 
 @pytest.mark.parametrize("memory,fn", [("mlp", _mlp), ("linear", _linear)])
 @pytest.mark.parametrize("chunk_size", [1, 3, 5])
-def test_chunk_parallel_equals_token_loop(memory, fn, chunk_size):
+@pytest.mark.parametrize("grad_clip", [None, 0.5])
+def test_chunk_parallel_equals_token_loop(memory, fn, chunk_size, grad_clip):
     torch.manual_seed(1)
-    layer = NeuralMemory(8, n_heads=2, chunk_size=chunk_size, memory=memory).double()
+    layer = NeuralMemory(8, n_heads=2, chunk_size=chunk_size, memory=memory, max_lr=1.0, grad_clip=grad_clip)
+    layer = layer.double()
     if memory == "linear":
         with torch.no_grad():
             layer.memory.initial[0].normal_(0, 0.3)
@@ -128,3 +133,25 @@ def test_zero_learning_rate_only_decays_memory():
     for w, s, w0 in zip(state.weights, state.momentum, layer.memory.init_weights(1)):
         torch.testing.assert_close(w, retained * w0, rtol=0, atol=1e-14)
         assert torch.all(s == 0)
+
+
+def test_gradient_clipping_keeps_an_mlp_memory_bounded_where_plain_steps_diverge():
+    """Large values and full-size steps: the MLP memory's curvature grows with its weights, so unclipped chunk
+    steps blow up; clipped ones stay bounded, and a clip above every gradient norm changes nothing."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 512, 16)
+    norms = {}
+    for clip in (None, 1.0):
+        layer = NeuralMemory(16, n_heads=2, chunk_size=64, memory="mlp", max_lr=1.0, grad_clip=clip)
+        with torch.no_grad():
+            layer.to_qkv.weight.mul_(20.0)  # values far from the keys' scale
+            layer.to_gates.bias.fill_(4.0)  # theta ~ 1, strong momentum, little forgetting
+            _, state = layer.read(x)
+        norms[clip] = max(w.abs().max().item() for w in state.weights)
+    assert not norms[None] < 1e6  # diverged (inf or NaN)
+    assert norms[1.0] < 1e3
+    layer = NeuralMemory(16, n_heads=2, chunk_size=8, memory="mlp")
+    with torch.no_grad():
+        plain = layer.read(x[:, :40])[0]
+        layer.grad_clip = 1e9
+        torch.testing.assert_close(layer.read(x[:, :40])[0], plain, rtol=0, atol=0)

@@ -92,6 +92,17 @@ class NeuralMemory(nn.Module):
             :class:`FastWeightMemory` with ``n_heads`` heads mapping dh -> dh.
         conv_size: window of the causal depthwise conv on the input (0 disables it).
         max_lr: theta_t = max_lr * sigmoid(.); max_lr = 0 stops every write (the memory then only decays).
+            Default ``1 / chunk_size``: all gradients of a chunk are taken at the same weights (Eq 90), so for a
+            linear memory and unit keys the chunk's summed step shrinks the error along a shared key direction by
+            ``1 - 2 sum_t theta_t``, which is a contraction for every key pattern only while ``sum_t theta_t < 1``.
+            With ``max_lr = 1`` and chunks of 64, a trained layer's memory grew without bound past the training
+            length (NaN from the 4th chunk of a 1,024-token document).
+        grad_clip: None, or the largest Frobenius norm of one token's gradient over all memory weights; larger
+            ones are scaled down to it. An MLP memory's curvature grows with its own weights (W1's gradient scales
+            with W2 and back), so a step bound on theta alone does not keep it stable: in a trained 2-layer Titans
+            LM with chunks of 64 and theta <= 1/64, the second layer's MLP memory still grew from |W| ~ 4 to
+            1e17 within four chunks of real text. Scaling each token's factors delta_i keeps the chunk-parallel
+            dual form exact (the clipped gradient is still delta_i a_i^T).
     """
 
     def __init__(
@@ -102,7 +113,8 @@ class NeuralMemory(nn.Module):
         memory: str | FastWeightMemory = "mlp",
         expansion: int = 2,
         conv_size: int = 4,
-        max_lr: float = 1.0,
+        max_lr: float | None = None,
+        grad_clip: float | None = None,
     ):
         super().__init__()
         if dim % n_heads:
@@ -118,7 +130,12 @@ class NeuralMemory(nn.Module):
         elif not isinstance(memory, FastWeightMemory):
             raise ValueError(f"memory must be 'mlp', 'linear' or a FastWeightMemory, got {memory!r}")
         self.memory = memory
-        self.max_lr = max_lr
+        self.max_lr = 1.0 / chunk_size if max_lr is None else float(max_lr)
+        if self.max_lr < 0:
+            raise ValueError(f"max_lr must be >= 0, got {max_lr}")
+        if grad_clip is not None and grad_clip <= 0:
+            raise ValueError(f"grad_clip must be positive or None, got {grad_clip}")
+        self.grad_clip = grad_clip
         self.conv = ShortConv(dim, conv_size) if conv_size > 0 else None
         self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
         # per head logits of [theta, eta, alpha]; biases start at small steps, half momentum, slow forgetting
@@ -150,6 +167,10 @@ class NeuralMemory(nn.Module):
     def _segment(self, w_grad, w_run, s_run, q, k, v, theta, log_eta, log_keep):
         """Tokens of one chunk (or part of one), chunk-parallel. q, k, v: (N, n, dh); gates (N, n)."""
         deltas, inputs = self.memory.grad_factors(w_grad, k, lambda out: 2.0 * (out - v))
+        if self.grad_clip is not None:  # ||g_t||_F^2 = sum over weights of ||delta_t||^2 ||a_t||^2
+            sq = sum(d.square().sum(-1) * a.square().sum(-1) for d, a in zip(deltas, inputs))
+            scale = (self.grad_clip / sq.sqrt().clamp_min(self.grad_clip)).unsqueeze(-1)
+            deltas = [d * scale for d in deltas]
         g = torch.stack([log_eta, log_keep]).cumsum(-1)  # (2, N, n): log E_t, log F_t
         P, D = _causal_ratio(g)  # P[j, i] = E_j / E_i, D[t, j] = F_t / F_j
         E, Fk = torch.exp(g)

@@ -21,6 +21,7 @@ class RecurrentLMConfig:
     n_layers: int = 2
     n_heads: int = 4
     chunk_size: int = 64
+    memory_grad_clip: float | None = 1.0  # Titans: per-token gradient norm bound of the memory (NeuralMemory)
     mlp_hidden: int | None = None
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -47,7 +48,8 @@ class TitansLM(BlockLM):
         config = dataclasses.replace(config or RecurrentLMConfig(), **overrides)
         self.config = config
         super().__init__(config.vocab_size, config.dim, config.n_layers,
-                         make_mixer=lambda i: NeuralMemory(config.dim, config.n_heads, config.chunk_size, memory=memory),
+                         make_mixer=lambda i: NeuralMemory(config.dim, config.n_heads, config.chunk_size, memory=memory,
+                                                           grad_clip=config.memory_grad_clip),
                          make_mlp=lambda i: SwiGLU(config.dim, config.mlp_hidden),
                          norm_eps=config.norm_eps, init_std=config.init_std, reinit_mixers=False)
 
