@@ -1,6 +1,6 @@
 """One report over every registered model: language modelling, continual learning, long context, synthetic tasks.
 
-``run_report("quick")`` (about a minute, tiny everything) or ``run_report("small")`` (40-60 minutes on two CPU cores)
+``run_report("quick")`` (about a minute, tiny everything) or ``run_report("small")`` (about 2 hours of runs on two shared CPU cores)
 runs every suite of the preset (:mod:`nested_learning.evaluation.presets`) for every model of ``model_names()`` and
 seed, writes one JSON per run and ``REPORT.md`` with tables and figures to ``out_dir``.
 

@@ -1,5 +1,5 @@
-"""Sizes of the report's runs, by name: ``quick`` (seconds to a minute; tests) and ``small`` (about 40-60 minutes on
-two CPU cores for five models).
+"""Sizes of the report's runs, by name: ``quick`` (seconds to a minute; tests) and ``small`` (about 2 hours of runs on
+two CPU cores for five models, less with several processes side by side).
 
 What ``small`` buys on two CPU cores: the GPT-2 vocabulary makes the output layer the dominant cost of every
 corpus-based suite (50,257 x dim multiply-adds per token), so the LM, continual-learning and NIAH suites use one
@@ -55,9 +55,10 @@ def quick() -> ReportPreset:
 
 
 def small() -> ReportPreset:
-    # Budget per model on two cores, Transformer++ tiny (the recurrent models cost up to a few times more in their
-    # mixers; the output layer costs the same): LM ~2-3 min, continual ~1.5 min for the three benchmarks, NIAH
-    # ~2-3 min (a 16K prompt is 16K x 50,257 logits), synthetic ~1 min for three seeds.
+    # Measured run times (docs/results/report_small.md, a shared 2-core machine, 1 thread per process): LM 164-866 s
+    # per model, continual 100-370 s for the three benchmarks, NIAH 47-458 s (a 16K prompt is 16K x 50,257
+    # logits), synthetic 215-1,599 s for three seeds; Transformer++ is the cheapest and the HOPE models the
+    # dearest. 8,343 s for all five models.
     return ReportPreset(
         name="small",
         seeds={"lm": (0,), "continual": (0,), "niah": (0,), "synthetic": (0, 1, 2)},
