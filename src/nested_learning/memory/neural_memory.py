@@ -169,7 +169,8 @@ class NeuralMemory(nn.Module):
         deltas, inputs = self.memory.grad_factors(w_grad, k, lambda out: 2.0 * (out - v))
         if self.grad_clip is not None:  # ||g_t||_F^2 = sum over weights of ||delta_t||^2 ||a_t||^2
             sq = sum(d.square().sum(-1) * a.square().sum(-1) for d, a in zip(deltas, inputs))
-            scale = (self.grad_clip / sq.sqrt().clamp_min(self.grad_clip)).unsqueeze(-1)
+            # clamp before the root: no infinite derivative at a zero gradient in the backward
+            scale = (self.grad_clip * sq.clamp_min(self.grad_clip**2).rsqrt()).unsqueeze(-1)
             deltas = [d * scale for d in deltas]
         g = torch.stack([log_eta, log_keep]).cumsum(-1)  # (2, N, n): log E_t, log F_t
         P, D = _causal_ratio(g)  # P[j, i] = E_j / E_i, D[t, j] = F_t / F_j
