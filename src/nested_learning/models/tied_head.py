@@ -54,6 +54,7 @@ class TiedHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logits, g_nll):
         h, W, logits, lse, labels = ctx.saved_tensors
+        hd = h.detach().to(W.dtype)
         dh = dW = None
         want_h, want_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if g_nll is not None and labels is not None:
@@ -68,16 +69,14 @@ class TiedHead(torch.autograd.Function):
             if want_h:
                 dh = (rows @ W).view(T, B, -1).transpose(0, 1) - scale[..., None] * F.embedding(target, W)
             if want_W:
-                h_tm = h.detach().transpose(0, 1).reshape(T * B, -1).to(W.dtype)
-                dW = rows.T @ h_tm
-                dW.index_add_(0, target.reshape(-1), (h.detach().to(W.dtype) * scale[..., None]).reshape(B * T, -1),
-                              alpha=-1)
+                dW = rows.T @ hd.transpose(0, 1).reshape(T * B, -1)
+                dW.index_add_(0, target.reshape(-1), (hd * scale[..., None]).reshape(B * T, -1), alpha=-1)
         if g_logits is not None:
             g = g_logits.to(W.dtype)
             if want_h:
                 dh = g @ W if dh is None else dh + g @ W
             if want_W:
-                extra = g.flatten(0, -2).T @ h.detach().flatten(0, -2).to(W.dtype)
+                extra = g.flatten(0, -2).T @ hd.flatten(0, -2)
                 dW = extra if dW is None else dW + extra
         if dh is not None:
             dh = dh.to(h.dtype)
