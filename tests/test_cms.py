@@ -169,3 +169,55 @@ def test_invalid_configuration_is_a_clear_error():
         ContinuumMemorySystem(8, variant="parallel")
     with pytest.raises(ValueError, match="mode"):
         ContinuumMemorySystem(8, mode="second_order")
+
+
+# ---------------------------------------------------------------------------------------- SwiGLU levels (Sec 7.3)
+def make_swiglu(inner_lr=0.3, **kw):
+    torch.manual_seed(0)
+    return ContinuumMemorySystem(
+        DIM, CHUNKS, level_form="swiglu", hidden=5, inner_lr=inner_lr, **kw
+    ).double()
+
+
+def swiglu_branch(x, gate, up, down):
+    return down(F.silu(gate(x)) * up(x))
+
+
+@torch.no_grad()
+def test_swiglu_levels_with_zero_rates_are_the_llama_mlp_chain():
+    cms = make_swiglu(inner_lr=0.0)
+    assert cms.up[0].bias is None and cms.hidden == 5
+    x = torch.randn(2, 11, DIM, dtype=torch.float64)
+    y, state = cms(x)
+    ref = x
+    for gate, up, down in zip(cms.gate_proj, cms.up, cms.down):
+        ref = ref + swiglu_branch(ref, gate, up, down)
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    assert torch.equal(state.weights[2][1], cms.slow_weights(2))
+
+
+def test_swiglu_update_is_a_gradient_step_on_the_next_input_objective():
+    cms = make_swiglu(grad_clip=None)
+    x = torch.randn(2, CHUNKS[0], DIM, dtype=torch.float64)
+    with torch.no_grad():
+        _, state = cms(x)
+    theta = cms.slow_weights(0).detach().expand(2, -1).clone().requires_grad_()
+    W_gate, W_up, W_down = cms.unpack(theta)
+    out = x + (F.silu(x @ W_gate.mT) * (x @ W_up.mT)) @ W_down.mT
+    loss = 0.5 * (out[:, :-1] - x[:, 1:]).pow(2).sum()
+    (grad,) = torch.autograd.grad(loss, theta)
+    eta = cms.inner_lr()[0].item()
+    torch.testing.assert_close(state.weights[0], theta.detach() - eta / CHUNKS[0] * grad, rtol=0, atol=1e-12)
+
+
+def test_swiglu_streaming_equals_one_shot_and_rejects_bad_forms():
+    cms = make_swiglu()
+    x = torch.randn(2, 23, DIM, dtype=torch.float64)
+    with torch.no_grad():
+        full, s_full = cms(x)
+        parts, s_parts = stream(cms, x, [3, 9, 10, 17])
+    torch.testing.assert_close(parts, full, rtol=0, atol=1e-12)
+    for a, b in zip(s_full.weights, s_parts.weights):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="level_form"):
+        ContinuumMemorySystem(DIM, CHUNKS, level_form="relu")

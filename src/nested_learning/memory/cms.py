@@ -1,8 +1,11 @@
 """Continuum Memory System (CMS), Eq 70-74: MLP levels that keep learning in context, level l every C_l tokens.
 
-Level l is a residual MLP block (hidden width ``expansion * dim``, exact GELU)
+Level l is a residual MLP block (hidden width ``expansion * dim``, or ``hidden``), by default with the exact GELU
 
     MLP_l(u) = u + W_down,l gelu(W_up,l u + b_up,l) + b_down,l          theta_l = (W_up, b_up, W_down, b_down)
+
+or, with ``level_form="swiglu"``, a Llama-family MLP, u + W_down (silu(W_gate u) * (W_up u)), so that a pretrained
+model's MLP is a level as it is (Sec 7.3; ``memory/cms_levels.py`` holds both forms and their weight gradients),
 
 whose weights are FAST weights: every stream carries its own copy theta_l in :class:`CMSState` (fp32, fp64 for an
 fp64 module; one copy per batch element). A stream starts from the SLOW weights (the ``nn.Parameter``s): knowledge
@@ -55,7 +58,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cms_levels import LEVEL_FORMS, LevelCache, gelu_grad, make_level_form
 from .state import LayerState
+
+__all__ = ["LEVEL_FORMS", "CMSState", "ContinuumMemorySystem", "LevelCache", "gelu_grad", "segment_bounds"]
 
 VARIANTS = ("sequential", "independent", "nested")
 MODES = ("first_order", "meta")
@@ -63,9 +69,9 @@ MODES = ("first_order", "meta")
 
 @dataclasses.dataclass
 class CMSState(LayerState):
-    """weights[l]: level l's fast weights, flat ``(B, n)`` with n = 2 H d + H + d, laid out as [W_up (H, d), b_up (H),
-    W_down (d, H), b_down (d)] (:meth:`ContinuumMemorySystem.unpack`; one tensor per level keeps the per-segment
-    bookkeeping to a few ops). grads[l]: same shape, the sum of level l's inner gradients since its last boundary.
+    """weights[l]: level l's fast weights, flat ``(B, n)``; for the GELU form n = 2 H d + H + d, laid out as
+    [W_up (H, d), b_up (H), W_down (d, H), b_down (d)], for the SwiGLU form [W_gate, W_up (H, d), W_down (d, H)]
+    (:meth:`ContinuumMemorySystem.unpack`; one tensor per level keeps the per-segment bookkeeping to a few ops). grads[l]: same shape, the sum of level l's inner gradients since its last boundary.
     pending: (B, P, d) inputs of the unfinished segment (standalone use; empty when a language model drives the CMS).
     position: stream position of the state (of pending[:, 0]); a multiple of min(chunk_sizes)."""
 
@@ -89,12 +95,6 @@ def segment_bounds(n: int, size: int, split: bool = True) -> list[tuple[int, int
     return bounds
 
 
-def gelu_grad(x: torch.Tensor) -> torch.Tensor:
-    """d gelu(x) / dx for the exact (erf) GELU: Phi(x) + x phi(x)."""
-    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))) + x * pdf
-
-
 class ContinuumMemorySystem(nn.Module):
     """Eq 70-74 as a sequence layer: ``y, state = cms(x, state=None)``, ``x: (B, T, dim)`` -> ``y: (B, T, dim)``.
 
@@ -105,6 +105,8 @@ class ContinuumMemorySystem(nn.Module):
         max_inner_lr: upper bound of eta_l. grad_clip: max norm of a level's mean chunk gradient (None: no clip).
         mode: "first_order" (inner gradients detached) or "meta" (the outer gradient flows through the inner
             updates, create_graph); meta only matters while grad mode is on.
+        level_form: "gelu" (W_up, b_up, W_down, b_down) or "swiglu" (gate_proj, up, down without biases).
+        hidden: the levels' hidden width when it is not a multiple of dim (a pretrained MLP's); overrides expansion.
     """
 
     def __init__(
@@ -117,6 +119,8 @@ class ContinuumMemorySystem(nn.Module):
         max_inner_lr: float = 1.0,
         mode: str = "first_order",
         grad_clip: float | None = 1.0,
+        level_form: str = "gelu",
+        hidden: int | None = None,
     ):
         super().__init__()
         chunk_sizes = tuple(int(c) for c in chunk_sizes)
@@ -132,13 +136,19 @@ class ContinuumMemorySystem(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0.0 <= inner_lr <= max_inner_lr:
             raise ValueError(f"inner_lr must lie in [0, max_inner_lr={max_inner_lr}], got {inner_lr}")
-        self.dim, self.hidden, self.chunk_sizes = dim, expansion * dim, chunk_sizes
+        self.dim, self.hidden, self.chunk_sizes = dim, int(hidden) if hidden else expansion * dim, chunk_sizes
+        if self.hidden < 1:
+            raise ValueError(f"the levels' hidden width must be positive, got {self.hidden}")
+        self.form = make_level_form(level_form, dim, self.hidden)
         if grad_clip is not None and grad_clip <= 0:
             raise ValueError(f"grad_clip must be positive or None, got {grad_clip}")
         self.variant, self.mode, self.max_inner_lr, self.grad_clip = variant, mode, max_inner_lr, grad_clip
         self.test_time_updates = True
-        self.up = nn.ModuleList(nn.Linear(dim, self.hidden) for _ in chunk_sizes)
-        self.down = nn.ModuleList(nn.Linear(self.hidden, dim) for _ in chunk_sizes)
+        bias = level_form == "gelu"
+        if level_form == "swiglu":
+            self.gate_proj = nn.ModuleList(nn.Linear(dim, self.hidden, bias=False) for _ in chunk_sizes)
+        self.up = nn.ModuleList(nn.Linear(dim, self.hidden, bias=bias) for _ in chunk_sizes)
+        self.down = nn.ModuleList(nn.Linear(self.hidden, dim, bias=bias) for _ in chunk_sizes)
         ratio = inner_lr / max_inner_lr if max_inner_lr > 0 else 0.0
         logit = math.log(ratio / (1 - ratio)) if 0 < ratio < 1 else (-math.inf if ratio == 0 else math.inf)
         self.lr_logit = nn.Parameter(torch.full((len(chunk_sizes),), logit))
@@ -162,13 +172,14 @@ class ContinuumMemorySystem(nn.Module):
     def slow_weights(self, level: int) -> torch.Tensor:
         """Level ``level``'s slow weights, flat ``(n,)`` (graph-connected to the parameters)."""
         up, down = self.up[level], self.down[level]
+        if self.form.name == "swiglu":
+            return torch.cat([self.gate_proj[level].weight.reshape(-1), up.weight.reshape(-1), down.weight.reshape(-1)])
         return torch.cat([up.weight.reshape(-1), up.bias, down.weight.reshape(-1), down.bias])
 
     def unpack(self, w: torch.Tensor):
-        """Flat fast weights ``(B, n)`` -> views ``W_up (B, H, d), b_up (B, H), W_down (B, d, H), b_down (B, d)``."""
-        B, H, d = w.shape[0], self.hidden, self.dim
-        W_up, b_up, W_down, b_down = torch.split(w, [H * d, H, d * H, d], dim=1)
-        return W_up.view(B, H, d), b_up, W_down.view(B, d, H), b_down
+        """Flat fast weights ``(B, n)`` -> views: ``W_up (B, H, d), b_up (B, H), W_down (B, d, H), b_down (B, d)``
+        (GELU form) or ``W_gate, W_up (B, H, d), W_down (B, d, H)`` (SwiGLU form)."""
+        return self.form.unpack(w)
 
     def initial_state(self, batch: int, device=None, dtype=torch.float32) -> CMSState:
         """Fast weights = the slow weights (expanded views, graph-connected to them), zero accumulators."""
@@ -180,64 +191,45 @@ class ContinuumMemorySystem(nn.Module):
         return CMSState(weights, grads, torch.zeros(batch, 0, self.dim, device=device, dtype=dtype), 0)
 
     # ------------------------------------------------------------------ read (Eq 70 / 74)
-    def _level(self, u: torch.Tensor, w: torch.Tensor):
-        """MLP_l's residual branch with per-sequence weights; u: (B, S, d) -> pre, h: (B, S, H), delta: (B, S, d)."""
-        W_up, b_up, W_down, b_down = self.unpack(w)
-        pre = torch.baddbmm(b_up.unsqueeze(1), u, W_up.transpose(1, 2))
-        h = F.gelu(pre)
-        return pre, h, torch.baddbmm(b_down.unsqueeze(1), h, W_down.transpose(1, 2))
-
     def read(self, x: torch.Tensor, weights: list):
         """The CMS output with fast ``weights`` (constant over ``x``): ``x: (B, S, d)`` -> ``y: (B, S, d)`` in x's
-        dtype, and per level the cache ``(input u, pre, h, delta)`` (delta: the residual branch's output). The
-        gradients of a loss w.r.t. ``pre`` and ``delta`` are the output-side factors of the level's weight gradient
-        (:meth:`weight_grads`); :meth:`local_grads` computes them in closed form."""
+        dtype, and per level its :class:`LevelCache` (input u, the branch's intermediate tensors ending with its
+        output delta). The gradients of a loss w.r.t. ``cache.factors`` are the output-side factors of the level's
+        weight gradient (:meth:`weight_grads`); :meth:`local_grads` computes them in closed form."""
         u = x if x.dtype == weights[0].dtype else x.to(weights[0].dtype)
         cache = []
         if self.variant == "independent":
             gate = torch.softmax(self.gate(u), dim=-1)  # (B, S, k)
             y = u
             for lv in range(self.n_levels):
-                pre, h, delta = self._level(u, weights[lv])
-                y = y + gate[..., lv : lv + 1] * delta
-                cache.append((u, pre, h, delta))
+                c = self.form.read(u, weights[lv])
+                y = y + gate[..., lv : lv + 1] * c.delta
+                cache.append(c)
         else:  # sequential and nested read the chain of Eq 70
             y = u
             for lv in range(self.n_levels):
-                pre, h, delta = self._level(y, weights[lv])
-                cache.append((y, pre, h, delta))
-                y = y + delta
+                c = self.form.read(y, weights[lv])
+                cache.append(c)
+                y = y + c.delta
         return (y if y.dtype == x.dtype else y.to(x.dtype)), cache
 
     # ------------------------------------------------------------------ the local objective and the step (Eq 71)
-    @staticmethod
-    def weight_grads(
-        u: torch.Tensor, h: torch.Tensor, dpre: torch.Tensor, ddelta: torch.Tensor
-    ) -> torch.Tensor:
-        """A level's summed weight gradient, flat ``(B, n)``, from its per-token factors: every weight is a linear map
-        applied token-wise, so dW_up = sum_t dpre_t u_t^T, db_up = sum_t dpre_t, dW_down = sum_t ddelta_t h_t^T,
-        db_down = sum_t ddelta_t. u: (B, S, d), h, dpre: (B, S, H), ddelta: (B, S, d)."""
-        B = u.shape[0]
-        return torch.cat(
-            [
-                (dpre.transpose(1, 2) @ u).reshape(B, -1),
-                dpre.sum(1),
-                (ddelta.transpose(1, 2) @ h).reshape(B, -1),
-                ddelta.sum(1),
-            ],
-            dim=1,
-        )
+    def weight_grads(self, cache: LevelCache, factor_grads) -> torch.Tensor:
+        """A level's summed weight gradient, flat ``(B, n)``, from the loss's gradients at ``cache.factors``: every
+        weight is a linear map applied token-wise, so e.g. dW_up = sum_t dpre_t u_t^T and dW_down = sum_t ddelta_t
+        h_t^T (``memory/cms_levels.py`` for each form)."""
+        return self.form.weight_grads(cache, factor_grads)
 
     def local_grads(self, cache: list, weights: list, differentiable: bool = False) -> list[torch.Tensor]:
         """Closed-form gradient of the "next_input" objective 1/2 sum_t ||MLP_l(u_t) - u_{t+1}||^2 (pairs t, t+1 of
         the segment) w.r.t. each level's fast ``weights``, per batch element. Detached unless ``differentiable``."""
         out = []
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-            for (u, pre, h, delta), w in zip(cache, weights):
+            for c, w in zip(cache, weights):
+                u, delta = c.u, c.delta
                 # err: (B, S, d); the segment's last token has no target yet
                 err = F.pad(u[:, :-1] + delta[:, :-1] - u[:, 1:], (0, 0, 0, 1))
-                dpre = torch.bmm(err, self.unpack(w)[2]) * gelu_grad(pre)  # back through W_down and the GELU
-                out.append(self.weight_grads(u, h, dpre, err))
+                out.append(self.weight_grads(c, self.form.next_input_factor_grads(c, w, err)))
         return out
 
     def step(self, state: CMSState, grads: list | None, end: int) -> CMSState:

@@ -184,15 +184,16 @@ class CMSLanguageModel(LanguageModel):
             else:  # time-major (S-1, B, V): one plain GEMM
                 dh = (probs.to(W.dtype) @ W).transpose(0, 1)
             dh = F.pad(dh - F.embedding(ids[:, 1:], W), (0, 0, 0, 1))  # (softmax - onehot(x_{t+1})) W
-        factors = [t for cache in caches for _, pre, _, delta in cache for t in (pre, delta)]
+        factors = [t for cache in caches for c in cache for t in c.factors]
         g = torch.autograd.grad(h, factors, dh, retain_graph=outer, create_graph=meta, materialize_grads=True)
         out, i = [], 0
         with torch.set_grad_enabled(meta):
             for block, cache in zip(self.blocks, caches):
                 levels = []
-                for u, _, h, _ in cache:
-                    levels.append(block.cms.weight_grads(u, h, g[i], g[i + 1]))
-                    i += 2
+                for c in cache:
+                    k = len(c.factors)
+                    levels.append(block.cms.weight_grads(c, g[i : i + k]))
+                    i += k
                 out.append(levels)
         return out
 

@@ -1,0 +1,152 @@
+"""The forms a CMS level can take (Eq 70-71): what its residual branch computes from its flat fast weights, and
+the weight gradient of a loss from the gradients at the branch's intermediate tensors.
+
+A level is ``MLP_l(u) = u + delta_l(u)``; every weight of ``delta_l`` is a linear map applied token by token, so
+its gradient is a sum over tokens of outer products of an input and the loss's gradient at that map's output. The
+caller (the CMS's own "next_input" objective, or a language model's next-token loss through ``autograd.grad``)
+supplies the gradients at the tensors listed in ``LevelCache.factors``; :meth:`LevelForm.weight_grads` turns them
+into the flat ``(B, n)`` gradient.
+
+    "gelu"    delta(u) = W_down gelu(W_up u + b_up) + b_down            (the from-scratch HOPE levels)
+    "swiglu"  delta(u) = W_down (silu(W_gate u) * (W_up u))             (a Llama-family MLP, so a pretrained MLP
+                                                                         is a CMS level as it is: Sec 7.3)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+LEVEL_FORMS = ("gelu", "swiglu")
+
+
+class LevelCache(NamedTuple):
+    """One level's read of a segment. u: (B, S, d) its input; factors: the intermediate tensors whose loss
+    gradients give the weight gradient (the branch output ``delta`` last); saved: what else the gradient needs."""
+
+    u: torch.Tensor
+    factors: tuple
+    saved: tuple
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return self.factors[-1]
+
+
+def gelu_grad(x: torch.Tensor) -> torch.Tensor:
+    """d gelu(x) / dx for the exact (erf) GELU: Phi(x) + x phi(x)."""
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))) + x * pdf
+
+
+def silu_grad(x: torch.Tensor) -> torch.Tensor:
+    """d silu(x) / dx = s(x) (1 + x (1 - s(x))), s the logistic sigmoid."""
+    s = torch.sigmoid(x)
+    return s * (1.0 + x * (1.0 - s))
+
+
+class LevelForm:
+    """A level's branch as a function of flat per-sequence weights ``w: (B, n)``."""
+
+    name: str
+
+    def __init__(self, dim: int, hidden: int):
+        self.dim, self.hidden = dim, hidden
+
+    def sizes(self) -> list[int]:
+        raise NotImplementedError
+
+    @property
+    def n(self) -> int:
+        return sum(self.sizes())
+
+    def read(self, u: torch.Tensor, w: torch.Tensor) -> LevelCache:
+        raise NotImplementedError
+
+    def weight_grads(self, cache: LevelCache, factor_grads) -> torch.Tensor:
+        raise NotImplementedError
+
+    def next_input_factor_grads(self, cache: LevelCache, w: torch.Tensor, err: torch.Tensor) -> tuple:
+        """The factor gradients of 1/2 sum_t ||delta_t - target_t||^2 given ``err = delta - target`` (B, S, d)."""
+        raise NotImplementedError
+
+
+class GeluLevel(LevelForm):
+    """Layout [W_up (H, d), b_up (H), W_down (d, H), b_down (d)]; factors (pre, delta)."""
+
+    name = "gelu"
+
+    def sizes(self):
+        H, d = self.hidden, self.dim
+        return [H * d, H, d * H, d]
+
+    def unpack(self, w):
+        B, H, d = w.shape[0], self.hidden, self.dim
+        W_up, b_up, W_down, b_down = torch.split(w, self.sizes(), dim=1)
+        return W_up.view(B, H, d), b_up, W_down.view(B, d, H), b_down
+
+    def read(self, u, w):
+        W_up, b_up, W_down, b_down = self.unpack(w)
+        pre = torch.baddbmm(b_up.unsqueeze(1), u, W_up.transpose(1, 2))
+        h = F.gelu(pre)
+        delta = torch.baddbmm(b_down.unsqueeze(1), h, W_down.transpose(1, 2))
+        return LevelCache(u, (pre, delta), (h,))
+
+    def weight_grads(self, cache, factor_grads):
+        dpre, ddelta = factor_grads
+        (h,), u, B = cache.saved, cache.u, cache.u.shape[0]
+        return torch.cat(
+            [(dpre.transpose(1, 2) @ u).reshape(B, -1), dpre.sum(1), (ddelta.transpose(1, 2) @ h).reshape(B, -1),
+             ddelta.sum(1)],
+            dim=1,
+        )
+
+    def next_input_factor_grads(self, cache, w, err):
+        pre = cache.factors[0]
+        return torch.bmm(err, self.unpack(w)[2]) * gelu_grad(pre), err  # back through W_down and the GELU
+
+
+class SwiGLULevel(LevelForm):
+    """Layout [W_gate (H, d), W_up (H, d), W_down (d, H)], no biases (as in Llama); factors (gate, up, delta)."""
+
+    name = "swiglu"
+
+    def sizes(self):
+        H, d = self.hidden, self.dim
+        return [H * d, H * d, d * H]
+
+    def unpack(self, w):
+        B, H, d = w.shape[0], self.hidden, self.dim
+        W_gate, W_up, W_down = torch.split(w, self.sizes(), dim=1)
+        return W_gate.view(B, H, d), W_up.view(B, H, d), W_down.view(B, d, H)
+
+    def read(self, u, w):
+        W_gate, W_up, W_down = self.unpack(w)
+        g = torch.bmm(u, W_gate.transpose(1, 2))
+        a = torch.bmm(u, W_up.transpose(1, 2))
+        h = F.silu(g) * a
+        return LevelCache(u, (g, a, torch.bmm(h, W_down.transpose(1, 2))), (h,))
+
+    def weight_grads(self, cache, factor_grads):
+        dg, da, ddelta = factor_grads
+        (h,), u, B = cache.saved, cache.u, cache.u.shape[0]
+        return torch.cat(
+            [(dg.transpose(1, 2) @ u).reshape(B, -1), (da.transpose(1, 2) @ u).reshape(B, -1),
+             (ddelta.transpose(1, 2) @ h).reshape(B, -1)],
+            dim=1,
+        )
+
+    def next_input_factor_grads(self, cache, w, err):
+        g, a, _ = cache.factors
+        dh = torch.bmm(err, self.unpack(w)[2])
+        return dh * a * silu_grad(g), dh * F.silu(g), err
+
+
+def make_level_form(name: str, dim: int, hidden: int) -> LevelForm:
+    forms = {"gelu": GeluLevel, "swiglu": SwiGLULevel}
+    if name not in forms:
+        raise ValueError(f"level_form must be one of {LEVEL_FORMS}, got {name!r}")
+    return forms[name](dim, hidden)
