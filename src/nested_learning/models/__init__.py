@@ -8,6 +8,7 @@ from nested_learning.models.cms_lm import CMSLanguageModel, CMSLMState
 from nested_learning.models.hope import HOPE
 from nested_learning.models.hope_attention import HOPEAttention
 from nested_learning.models.hope_config import HOPE_ATTENTION_PRESETS, HOPE_PRESETS, HOPEConfig
+from nested_learning.models.pretrained import HopeifiedLM, hopeify, load_pretrained
 from nested_learning.models.recurrent_lms import RECURRENT_PRESETS, DeltaNetLM, RecurrentLMConfig, TitansLM
 from nested_learning.models.registry import build_model, model_names, register_model
 from nested_learning.models.state_io import load_state, save_state
@@ -22,6 +23,7 @@ __all__ = [
     "HOPEConfig",
     "HOPE_ATTENTION_PRESETS",
     "HOPE_PRESETS",
+    "HopeifiedLM",
     "LanguageModel",
     "ModelOutput",
     "RECURRENT_PRESETS",
@@ -31,6 +33,8 @@ __all__ = [
     "TransformerConfig",
     "TransformerPP",
     "build_model",
+    "hopeify",
+    "load_pretrained",
     "load_state",
     "model_names",
     "register_model",

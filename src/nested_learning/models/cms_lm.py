@@ -70,10 +70,18 @@ class CMSLMState(LayerState):
 
 
 class CMSBlock(nn.Module):
-    def __init__(self, dim: int, mixer: nn.Module, cms: ContinuumMemorySystem, norm_eps: float = 1e-6):
+    """``x + mixer(norm1(x))``, then the CMS chain on ``norm2(x)``; with ``cms=None`` a plain, frozen ``mlp``
+    instead (a layer of a pretrained model that is kept as it is)."""
+
+    def __init__(
+        self, dim: int, mixer: nn.Module, cms: ContinuumMemorySystem | None, norm_eps: float = 1e-6,
+        mlp: nn.Module | None = None,
+    ):
         super().__init__()
+        if (cms is None) == (mlp is None):
+            raise ValueError("a block has either a CMS or a plain mlp")
         self.norm1, self.mixer = RMSNorm(dim, norm_eps), mixer
-        self.norm2, self.cms = RMSNorm(dim, norm_eps), cms
+        self.norm2, self.cms, self.mlp = RMSNorm(dim, norm_eps), cms, mlp
 
 
 class CMSLanguageModel(LanguageModel):
@@ -134,18 +142,22 @@ class CMSLanguageModel(LanguageModel):
         dtype = torch.float64 if self.embed.weight.dtype == torch.float64 else torch.float32
         return CMSLMState(
             [self.mixer_initial_state(b.mixer, batch, device, dtype) for b in self.blocks],
-            [b.cms.initial_state(batch, device, dtype) for b in self.blocks],
+            [b.cms.initial_state(batch, device, dtype) if b.cms is not None else None for b in self.blocks],
             torch.zeros(batch, 0, dtype=torch.long, device=device),
             0,
         )
 
+    def cms_layers(self) -> list[ContinuumMemorySystem]:
+        """The CMS of every block that has one."""
+        return [b.cms for b in self.blocks if b.cms is not None]
+
     def set_test_time_updates(self, enabled: bool) -> None:
-        for b in self.blocks:
-            b.cms.test_time_updates = bool(enabled)
+        for cms in self.cms_layers():
+            cms.test_time_updates = bool(enabled)
 
     @property
     def test_time_updates(self) -> bool:
-        return self.blocks[0].cms.test_time_updates
+        return self.cms_layers()[0].test_time_updates
 
     # ------------------------------------------------------------------ one segment
     def _segment(self, x: torch.Tensor, mixers: list, cms: list):
@@ -156,8 +168,11 @@ class CMSLanguageModel(LanguageModel):
             y, ms = block.mixer(block.norm1(x), ms)
             x = x + y
             u = block.norm2(x)
-            y, cache = block.cms.read(u, cs.weights)
-            x = x + (y - u)
+            if block.cms is None:
+                x, cache = x + block.mlp(u), []
+            else:
+                y, cache = block.cms.read(u, cs.weights)
+                x = x + (y - u)
             new_mixers.append(ms)
             caches.append(cache)
         return self.norm(x), new_mixers, caches
@@ -175,7 +190,7 @@ class CMSLanguageModel(LanguageModel):
         weight gradients follow from these factors (``ContinuumMemorySystem.weight_grads``)."""
         if self.objective == "next_input":
             return [
-                b.cms.local_grads(c, cs.weights, differentiable=meta)
+                b.cms.local_grads(c, cs.weights, differentiable=meta) if b.cms is not None else []
                 for b, c, cs in zip(self.blocks, caches, cms)
             ]
         with torch.set_grad_enabled(meta):  # probs: softmax at positions 0..S-2 of the segment
@@ -215,7 +230,7 @@ class CMSLanguageModel(LanguageModel):
         ids = torch.cat([state.pending.to(input_ids.device), input_ids.long()], dim=1)
         learn, C = self.test_time_updates, self.segment_size
         outer = torch.is_grad_enabled()
-        meta = outer and self.blocks[0].cms.mode == "meta"
+        meta = outer and self.cms_layers()[0].mode == "meta"
         # Except in meta mode (where the inner gradients depend on the head, so every segment keeps its own graph),
         # the logits are computed without graph into one buffer, and TiedHead attaches the head's graph once per call
         # (exact: first-order inner gradients are detached, so the inner computation never enters the outer graph).
@@ -245,11 +260,11 @@ class CMSLanguageModel(LanguageModel):
                 end = state.position + b
                 if learn:
                     cms = [
-                        blk.cms.step(cs, g, end)
+                        blk.cms.step(cs, g, end) if blk.cms is not None else None
                         for blk, cs, g in zip(self.blocks, cms, grads or [None] * len(cms))
                     ]
                 else:
-                    cms = [dataclasses.replace(cs, position=end) for cs in cms]
+                    cms = [dataclasses.replace(cs, position=end) if cs is not None else None for cs in cms]
                 mixers, start, position = new_mixers, b, end
         logits, loss = head.finish(P, labels)
         new_state = CMSLMState(mixers, cms, ids[:, start:], position)

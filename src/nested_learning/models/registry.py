@@ -62,3 +62,12 @@ def _hope_attention(size: str, **overrides):
     from nested_learning.models.hope_attention import HOPEAttention
 
     return HOPEAttention.from_preset(size, **overrides)
+
+
+@register_model("hopeified")
+def _hopeified(size: str, **overrides):
+    """``size``: a pretrained model's name (``"smollm2-135m"``) or checkpoint directory; overrides: hopeify's."""
+    from nested_learning.models.pretrained import hopeify, load_pretrained
+
+    model, tok = load_pretrained(size)
+    return hopeify(model, tokenizer=tok, copy_model=False, **overrides)
