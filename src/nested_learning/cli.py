@@ -1,4 +1,4 @@
-"""``nested-learning`` (also ``python -m nested_learning``): train, eval, generate, demo, report and experiments.
+"""``nested-learning`` (also ``python -m nested_learning``): train, eval, generate, demo, levels, report and experiments.
 
 Configs are YAML files (see ``configs/``) mapped onto :class:`TrainConfig`; any ``key=value`` after the options
 overrides a field, and an unknown key or a bad value is an error that names it.
@@ -40,6 +40,12 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out-dir", default=None)
     d.add_argument("--max-docs", type=int, default=None, help="use only the first N documents (quick runs)")
     d.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
+    lv = sub.add_parser("levels", help="a model (and optimizer) read as levels of associative memories")
+    lv.add_argument("--model", default="hope", help="registered model name, or 'all'")
+    lv.add_argument("--optimizer", default=None, help="registered optimizer name, or 'all'")
+    lv.add_argument("--size", default="tiny")
+    lv.add_argument("--markdown", action="store_true", help="markdown tables instead of aligned text")
+    lv.add_argument("overrides", nargs="*", help="model config overrides, e.g. chunk_sizes=[8,32]")
     for name, (_, help_text) in PASSTHROUGH.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return p
@@ -139,6 +145,22 @@ def _run(args) -> int:
             demo.out_dir = args.out_dir
         demo.max_docs = args.max_docs
         run_demo(demo, parse_overrides(args.overrides))
+        return 0
+    if args.command == "levels":
+        import ast
+
+        from nested_learning.nsam.tables import levels_report
+
+        overrides = {}
+        for item in args.overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"override {item!r} is not key=value")
+            try:
+                overrides[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                overrides[key] = value
+        print(levels_report(args.model, args.optimizer, args.size, overrides, args.markdown), end="")
         return 0
     raise AssertionError(args.command)
 
