@@ -1,0 +1,101 @@
+"""HOPE and HOPE-attention re-run from their levels (Eq 94-97, 70-71).
+
+Per block: the mixer at its own level (self-modifying Titans at 1/C, run by its module, whose DGD rule has its own
+token-loop references; or attention's KV cache at frequency infinity), then the CMS chain (Eq 70) whose level l is
+a residual MLP with its own weights theta_l. The stream is cut into segments of C_min tokens; on each segment every
+level's gradient of the segment's next-token loss (Eq 8-9; pairs inside the segment) is taken by autograd with all
+the model's computation in between, accumulated, and at level l's boundary (every C_l tokens) theta_l takes Eq 71's
+step, the proximal step of Eq 20 on the chunk (rate eta_l / C_l, inside the module's trust region of ``grad_clip``):
+
+    theta_l <- argmin_Phi <Phi - theta_l, sum_chunk grad> + ||Phi - theta_l||^2 / (2 eta_l / C_l)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nested_learning.models.cms_lm import CMSLanguageModel
+
+from ..proximal import linearized_step
+
+
+def _mlp_branch(u: torch.Tensor, theta: list[torch.Tensor]) -> torch.Tensor:
+    """MLP_l(u) - u = W_down gelu(W_up u + b_up) + b_down, per stream; u: (B, S, d)."""
+    W_up, b_up, W_down, b_down = theta
+    return torch.einsum("bhd,bsd->bsh", W_down, F.gelu(torch.einsum("bhd,bsd->bsh", W_up, u) + b_up[:, None])) \
+        + b_down[:, None]
+
+
+class CMSLevel:
+    """Level l of one block: its fast weights, its gradient accumulator, its period C and rate eta."""
+
+    def __init__(self, cms, lv: int, batch: int):
+        up, down = cms.up[lv], cms.down[lv]
+        slow = (up.weight, up.bias, down.weight, down.bias)
+        self.theta = [t.detach().expand(batch, *t.shape).clone() for t in slow]
+        self.acc = [torch.zeros_like(t) for t in self.theta]
+        self.period, self.clip = cms.chunk_sizes[lv], cms.grad_clip
+        self.eta = float(cms.max_inner_lr * torch.sigmoid(cms.lr_logit[lv].detach()))
+
+    def boundary_step(self) -> None:
+        mean = [a / self.period for a in self.acc]
+        scale = 1.0
+        if self.clip is not None:  # the module's trust region: the step on the chunk is at most eta * clip long
+            norm = torch.sqrt(sum(m.flatten(1).pow(2).sum(1) for m in mean))
+            scale = self.clip / norm.clamp_min(self.clip)
+        new = []
+        for th, m in zip(self.theta, mean):
+            g = m * scale.reshape(-1, *[1] * (m.dim() - 1)) if self.clip is not None else m
+            new.append(linearized_step(lambda p, g=g: (p * g).sum(), th, self.eta))
+        self.theta, self.acc = new, [torch.zeros_like(a) for a in self.acc]
+
+
+def hope_from_levels(model: CMSLanguageModel, ids: torch.Tensor) -> torch.Tensor:
+    """``model(ids).logits`` of a HOPE / HOPE-attention with the "lm" CMS objective and the "sequential" or "nested"
+    variant, recomputed from the levels. ids: (B, T) -> logits: (B, T, V)."""
+    cms0 = model.blocks[0].cms
+    if model.objective != "lm" or cms0.variant not in ("sequential", "nested"):
+        raise ValueError("the decomposition covers the 'lm' objective with the 'sequential' or 'nested' variant")
+    B, T = ids.shape
+    C_min = cms0.segment_size
+    levels = [[CMSLevel(b.cms, lv, B) for lv in range(b.cms.n_levels)] for b in model.blocks]
+    mixers = [s.detach() for s in model.initial_state(B, ids.device).mixers]
+    logits = []
+    for a in range(0, T, C_min):
+        seg = ids[:, a : a + C_min]
+        with torch.enable_grad():
+            thetas = [[[t.detach().requires_grad_() for t in lv.theta] for lv in blk] for blk in levels]
+            x = model.embed(seg)
+            new_mixers = []
+            for block, ms, blk_thetas in zip(model.blocks, mixers, thetas):
+                y, ms = block.mixer(block.norm1(x), ms)
+                x = x + y
+                u = block.norm2(x)
+                chain = u
+                for theta in blk_thetas:
+                    chain = chain + _mlp_branch(chain, theta)
+                x = x + (chain - u)
+                new_mixers.append(ms)
+            out = model.head(model.norm(x))
+            logits.append(out.detach())
+            if seg.shape[1] < C_min or not model.test_time_updates:
+                mixers = [m.detach() for m in new_mixers]
+                continue
+            loss = F.cross_entropy(out[:, :-1].flatten(0, 1), seg[:, 1:].flatten(), reduction="sum")
+            flat = [t for blk in thetas for th in blk for t in th]
+            grads = iter(torch.autograd.grad(loss, flat))
+        end = a + C_min
+        for blk in levels:
+            for lv in blk:
+                lv.theta = [t.detach() for t in lv.theta]
+                lv.acc = [acc + next(grads) for acc in lv.acc]
+                if end % lv.period == 0:
+                    lv.boundary_step()
+            if cms0.variant == "nested":  # Eq 72-73: slowest first, a faster level restarts from the slower one
+                for s in range(len(blk) - 2, -1, -1):
+                    if end % blk[s + 1].period == 0:
+                        blk[s].theta = [t.clone() for t in blk[s + 1].theta]
+                        blk[s].acc = [torch.zeros_like(t) for t in blk[s].acc]
+        mixers = [m.detach() for m in new_mixers]
+    return torch.cat(logits, dim=1)
