@@ -44,6 +44,9 @@ Variants (``variant=``):
                                of the slowest level restarts the whole hierarchy from it). At the stream start every
                                level starts from its own slow weights.
 
+Knowledge transfer between levels (``transfer=``, one name or one per level: "init", "backprop", "direct",
+"generate", Eq 24-30): ``memory/cms_transfer.py``. The default "init" is the behaviour described above.
+
 Streaming. Used on its own (``y, state = cms(x, state)``), the module processes segments of C_min tokens aligned to
 stream positions; a call may end inside a segment, whose inputs are kept in ``state.pending`` and re-run from the
 state at the segment start by the next call, so any split gives the same outputs as one call.
@@ -59,9 +62,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cms_levels import LEVEL_FORMS, LevelCache, gelu_grad, make_level_form
+from .cms_transfer import TRANSFERS, LevelTransfer, parse_transfer
 from .state import LayerState
 
-__all__ = ["LEVEL_FORMS", "CMSState", "ContinuumMemorySystem", "LevelCache", "gelu_grad", "segment_bounds"]
+__all__ = ["LEVEL_FORMS", "TRANSFERS", "CMSState", "ContinuumMemorySystem", "LevelCache", "gelu_grad", "segment_bounds"]
 
 VARIANTS = ("sequential", "independent", "nested")
 MODES = ("first_order", "meta")
@@ -107,6 +111,8 @@ class ContinuumMemorySystem(nn.Module):
             updates, create_graph); meta only matters while grad mode is on.
         level_form: "gelu" (W_up, b_up, W_down, b_down) or "swiglu" (gate_proj, up, down without biases).
         hidden: the levels' hidden width when it is not a multiple of dim (a pretrained MLP's); overrides expansion.
+        transfer: knowledge transfer into each level from the next slower one, a name or one per level
+            (``memory/cms_transfer.py``); "init" (default) everywhere is the CMS without a transfer of its own.
     """
 
     def __init__(
@@ -121,6 +127,7 @@ class ContinuumMemorySystem(nn.Module):
         grad_clip: float | None = 1.0,
         level_form: str = "gelu",
         hidden: int | None = None,
+        transfer="init",
     ):
         super().__init__()
         chunk_sizes = tuple(int(c) for c in chunk_sizes)
@@ -156,6 +163,10 @@ class ContinuumMemorySystem(nn.Module):
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
+        self.transfers = parse_transfer(transfer, len(chunk_sizes))
+        if variant == "nested" and "generate" in self.transfers:
+            raise ValueError("the nested variant already restarts every level from the slower one; use 'init'")
+        self.transfer = LevelTransfer(self.transfers, self.form.sizes())
 
     @property
     def n_levels(self) -> int:
@@ -164,6 +175,10 @@ class ContinuumMemorySystem(nn.Module):
     @property
     def segment_size(self) -> int:
         return self.chunk_sizes[0]
+
+    def keeps_graph(self, level: int) -> bool:
+        """Whether level ``level``'s inner gradients keep their graph (meta mode, or "backprop" transfer)."""
+        return self.mode == "meta" or self.transfer.keeps_graph(level)
 
     def inner_lr(self) -> torch.Tensor:
         """eta_l of every level, shape (k,)."""
@@ -196,6 +211,7 @@ class ContinuumMemorySystem(nn.Module):
         dtype, and per level its :class:`LevelCache` (input u, the branch's intermediate tensors ending with its
         output delta). The gradients of a loss w.r.t. ``cache.factors`` are the output-side factors of the level's
         weight gradient (:meth:`weight_grads`); :meth:`local_grads` computes them in closed form."""
+        weights = self.transfer.read_weights(weights)
         u = x if x.dtype == weights[0].dtype else x.to(weights[0].dtype)
         cache = []
         if self.variant == "independent":
@@ -220,12 +236,16 @@ class ContinuumMemorySystem(nn.Module):
         h_t^T (``memory/cms_levels.py`` for each form)."""
         return self.form.weight_grads(cache, factor_grads)
 
-    def local_grads(self, cache: list, weights: list, differentiable: bool = False) -> list[torch.Tensor]:
+    def local_grads(
+        self, cache: list, weights: list, differentiable: bool = False, transfer_graph: bool = True
+    ) -> list[torch.Tensor]:
         """Closed-form gradient of the "next_input" objective 1/2 sum_t ||MLP_l(u_t) - u_{t+1}||^2 (pairs t, t+1 of
-        the segment) w.r.t. each level's fast ``weights``, per batch element. Detached unless ``differentiable``."""
-        out = []
-        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-            for c, w in zip(cache, weights):
+        the segment) w.r.t. each level's fast ``weights``, per batch element. Detached unless ``differentiable``
+        (or, with ``transfer_graph``, for the levels whose transfer is "backprop")."""
+        out, grad_on = [], torch.is_grad_enabled()
+        for lv, (c, w) in enumerate(zip(cache, self.transfer.read_weights(weights))):
+            keep = differentiable or (transfer_graph and self.transfer.keeps_graph(lv))
+            with torch.set_grad_enabled(grad_on and keep):
                 u, delta = c.u, c.delta
                 # err: (B, S, d); the segment's last token has no target yet
                 err = F.pad(u[:, :-1] + delta[:, :-1] - u[:, 1:], (0, 0, 0, 1))
@@ -251,6 +271,7 @@ class ContinuumMemorySystem(nn.Module):
             for s in range(self.n_levels - 2, -1, -1):
                 if end % self.chunk_sizes[s + 1] == 0:
                     weights[s], accs[s] = weights[s + 1], torch.zeros_like(accs[s])
+        weights, accs = self.transfer.generate(weights, accs, self.slow_weights, end, self.chunk_sizes)
         return CMSState(weights, accs, state.pending, end)
 
     # ------------------------------------------------------------------ standalone sequence layer

@@ -22,7 +22,8 @@ segment boundary inside a level's chunk. ``objective="next_input"`` uses the CMS
 
 Modes: ``"first_order"`` detaches the inner gradients (the outer optimizer still learns the slow initial weights
 through the identity path of theta = theta_0 - eta * sum g, and eta through eta * g); ``"meta"`` keeps their graph
-(create_graph) so the outer gradient flows THROUGH the inner updates (second order; softmax attention then runs its
+(create_graph) so the outer gradient flows THROUGH the inner updates (second order; per level with the CMS's
+``transfer="backprop"``; softmax attention then runs its
 math kernel, the only one with a double backward on CPU). In no-grad use the inner gradient is still computed (under
 ``torch.enable_grad``); every tensor the model returns is then detached.
 
@@ -190,7 +191,8 @@ class CMSLanguageModel(LanguageModel):
         weight gradients follow from these factors (``ContinuumMemorySystem.weight_grads``)."""
         if self.objective == "next_input":
             return [
-                b.cms.local_grads(c, cs.weights, differentiable=meta) if b.cms is not None else []
+                b.cms.local_grads(c, cs.weights, differentiable=meta and b.cms.mode == "meta", transfer_graph=meta)
+                if b.cms is not None else []
                 for b, c, cs in zip(self.blocks, caches, cms)
             ]
         with torch.set_grad_enabled(meta):  # probs: softmax at positions 0..S-2 of the segment
@@ -205,9 +207,10 @@ class CMSLanguageModel(LanguageModel):
         with torch.set_grad_enabled(meta):
             for block, cache in zip(self.blocks, caches):
                 levels = []
-                for c in cache:
+                for lv, c in enumerate(cache):
                     k = len(c.factors)
-                    levels.append(block.cms.weight_grads(c, g[i : i + k]))
+                    grad = block.cms.weight_grads(c, g[i : i + k])
+                    levels.append(grad if block.cms.keeps_graph(lv) else grad.detach())
                     i += k
                 out.append(levels)
         return out
@@ -230,7 +233,8 @@ class CMSLanguageModel(LanguageModel):
         ids = torch.cat([state.pending.to(input_ids.device), input_ids.long()], dim=1)
         learn, C = self.test_time_updates, self.segment_size
         outer = torch.is_grad_enabled()
-        meta = outer and self.cms_layers()[0].mode == "meta"
+        # meta mode, or a level whose transfer is "backprop": some inner gradients keep their graph
+        meta = outer and any(cms.keeps_graph(lv) for cms in self.cms_layers() for lv in range(cms.n_levels))
         # Except in meta mode (where the inner gradients depend on the head, so every segment keeps its own graph),
         # the logits are computed without graph into one buffer, and TiedHead attaches the head's graph once per call
         # (exact: first-order inner gradients are detached, so the inner computation never enters the outer graph).

@@ -33,6 +33,7 @@ def make_cms(config: HOPEConfig) -> ContinuumMemorySystem:
         config.cms_max_inner_lr,
         config.cms_mode,
         config.cms_grad_clip,
+        transfer=config.cms_transfer,
     )
     cms.test_time_updates = config.test_time_updates
     return cms

@@ -37,6 +37,7 @@ class HOPEConfig:
     cms_inner_lr: float = 0.1  # initial eta_l of every level (tuned: see docs/equations_parts/cms_hope.md)
     cms_max_inner_lr: float = 1.0
     cms_grad_clip: float | None = 1.0  # max norm of a level's mean chunk gradient (a trust region)
+    cms_transfer: str | tuple = "init"  # per level: "init" | "backprop" | "direct" | "generate" (Eq 24-30)
     test_time_updates: bool = True
     # self-modifying Titans (HOPE)
     titans_chunk_size: int = 16
@@ -51,6 +52,8 @@ class HOPEConfig:
 
     def __post_init__(self):
         self.chunk_sizes = tuple(int(c) for c in self.chunk_sizes)
+        if not isinstance(self.cms_transfer, str):
+            self.cms_transfer = tuple(self.cms_transfer)
 
 
 _SIZES = {

@@ -81,14 +81,13 @@ def _cms(name: str, m: ContinuumMemorySystem, ctx: dict) -> list[AssociativeMemo
         eq = {"sequential": "Eq 70-71", "independent": "Eq 71, 74", "nested": "Eq 71-73"}[m.variant]
         if m.variant == "nested" and lv + 1 < m.n_levels:
             rule += f"; restarts from level {lv + 2} at its boundaries"
-        transfer = getattr(m, "transfer_of", None)
-        if transfer is not None:
-            text = transfer(lv)
-            if text:
-                rule += f"; {text[0]}"
-                eq += f", {text[1]}"
+        transfer = getattr(m, "transfer", None)
+        text = transfer.describe(lv) if transfer is not None else None
+        if text:  # knowledge transfer from the slower level (memory/cms_transfer.py)
+            rule += f"; {text[0]}"
+            eq += f", {text[1]}"
         out.append(AssociativeMemory(
-            f"{name}.level{lv + 1}", f"MLP weights, {m.dim} -> {m.hidden} -> {m.dim}", "u_t (level input)", values,
+            f"{name}.level{lv + 1}", f"{m.form.name} MLP weights, {m.dim} -> {m.hidden} -> {m.dim}", "u_t (level input)", values,
             "activations", loss, rule, eq, Frequency.every(C),
         ))
     return out

@@ -55,8 +55,11 @@ def hope_from_levels(model: CMSLanguageModel, ids: torch.Tensor) -> torch.Tensor
     """``model(ids).logits`` of a HOPE / HOPE-attention with the "lm" CMS objective and the "sequential" or "nested"
     variant, recomputed from the levels. ids: (B, T) -> logits: (B, T, V)."""
     cms0 = model.blocks[0].cms
-    if model.objective != "lm" or cms0.variant not in ("sequential", "nested"):
-        raise ValueError("the decomposition covers the 'lm' objective with the 'sequential' or 'nested' variant")
+    if model.objective != "lm" or cms0.variant not in ("sequential", "nested") or cms0.form.name != "gelu":
+        raise ValueError("the decomposition covers GELU levels, the 'lm' objective, the 'sequential' or 'nested' "
+                         "variant")
+    if any(t in ("direct", "generate") for b in model.blocks for t in b.cms.transfers):
+        raise ValueError("the decomposition covers the transfers 'init' and 'backprop' (same forward)")
     B, T = ids.shape
     C_min = cms0.segment_size
     levels = [[CMSLevel(b.cms, lv, B) for lv in range(b.cms.n_levels)] for b in model.blocks]
