@@ -171,3 +171,23 @@ def test_hope_is_its_mixer_level_and_cms_levels_at_their_frequencies(cls, extra)
         model.set_test_time_updates(True)
     assert _err(hope_from_levels(model, ids), ref) < TOL
     assert _err(frozen, ref) > 1e-4  # the CMS levels' in-context steps change the output
+
+
+def test_hopeified_llama_is_its_attention_level_and_swiglu_cms_levels():
+    transformers = pytest.importorskip("transformers")
+    from nested_learning.models import hopeify
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    llama = transformers.LlamaForCausalLM(cfg).eval().double()
+    # layer 0 keeps its plain MLP; layer 1's becomes SwiGLU levels at C = 2, 4 ("added": faster levels in front)
+    model = hopeify(llama, layers=(1,), chunk_sizes=(2, 4), scheme="added", inner_lr=0.5, window=8).double()
+    ids = torch.randint(0, 40, (2, 13))
+    with torch.no_grad():
+        ref = model(ids).logits
+        model.set_test_time_updates(False)
+        frozen = model(ids).logits
+        model.set_test_time_updates(True)
+    assert _err(hope_from_levels(model, ids), ref) < TOL
+    assert _err(frozen, ref) > 1e-6

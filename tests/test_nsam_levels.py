@@ -40,9 +40,21 @@ def test_frequency_reads_as_in_the_sources():
     assert str(Frequency.every(16)) == "1/16 per token" and str(Frequency.every(1, "step")) == "1 per step"
 
 
+def _build(name):
+    if name != "hopeified":
+        return build_model(name, "tiny", **SMALL)
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    from nested_learning.models import hopeify
+
+    return hopeify(transformers.LlamaForCausalLM(cfg).eval(), layers=(1,))
+
+
 @pytest.mark.parametrize("name", model_names())
 def test_describe_reads_every_registered_model(name):
-    model = build_model(name, "tiny", **SMALL)
+    model = _build(name)
     system = describe(model, show=False)
     levels = system.levels()
     rates = [lv.frequency.rate for lv in levels]

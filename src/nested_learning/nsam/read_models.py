@@ -15,6 +15,7 @@ from nested_learning.memory import (
     SelfModifyingTitans,
 )
 from nested_learning.models.attention import CausalSelfAttention
+from nested_learning.models.pretrained.attention import WindowedLlamaAttention
 
 from .memory import FROZEN, NON_PARAMETRIC, AssociativeMemory, Frequency
 
@@ -25,6 +26,15 @@ def _attention(name: str, m: CausalSelfAttention, ctx: dict) -> list[Associative
         "k_t = RoPE(W_k x_t)", "v_t = W_v x_t", "tokens",
         f"read o_t = argmin_o sum_i exp(q_t.k_i/sqrt({m.head_dim})) ||o - v_i||^2", "append (k_t, v_t)",
         "Eq 6 (non-parametric)", NON_PARAMETRIC,
+    )]
+
+
+def _windowed_attention(name: str, m: WindowedLlamaAttention, ctx: dict) -> list[AssociativeMemory]:
+    return [AssociativeMemory(
+        f"{name} (sliding KV cache)", f"K, V: (B, {m.n_kv_heads}, <= {m.window - 1}, {m.head_dim})",
+        "k_t = RoPE(W_k x_t)", "v_t = W_v x_t", "tokens",
+        f"read o_t = argmin_o sum_(i > t - {m.window}) exp(q_t.k_i/sqrt({m.head_dim})) ||o - v_i||^2",
+        f"append (k_t, v_t), drop the pair {m.window} tokens back", "Eq 6 (non-parametric)", NON_PARAMETRIC,
     )]
 
 
@@ -95,6 +105,7 @@ def _cms(name: str, m: ContinuumMemorySystem, ctx: dict) -> list[AssociativeMemo
 
 READERS = {
     CausalSelfAttention: _attention,
+    WindowedLlamaAttention: _windowed_attention,
     LinearAttentionLayer: _linear_attention,
     DeltaNetLayer: _deltanet,
     NeuralMemory: _neural_memory,

@@ -20,11 +20,19 @@ from nested_learning.models.cms_lm import CMSLanguageModel
 from ..proximal import linearized_step
 
 
+def _linear(W: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per-stream W u: W (B, out, in), u (B, S, in) -> (B, S, out)."""
+    return torch.einsum("boi,bsi->bso", W, u)
+
+
 def _mlp_branch(u: torch.Tensor, theta: list[torch.Tensor]) -> torch.Tensor:
-    """MLP_l(u) - u = W_down gelu(W_up u + b_up) + b_down, per stream; u: (B, S, d)."""
+    """MLP_l(u) - u per stream: W_down gelu(W_up u + b_up) + b_down (GELU form, 4 tensors) or
+    W_down (silu(W_gate u) * W_up u) (SwiGLU form, 3 tensors); u: (B, S, d)."""
+    if len(theta) == 3:
+        W_gate, W_up, W_down = theta
+        return _linear(W_down, F.silu(_linear(W_gate, u)) * _linear(W_up, u))
     W_up, b_up, W_down, b_down = theta
-    return torch.einsum("bhd,bsd->bsh", W_down, F.gelu(torch.einsum("bhd,bsd->bsh", W_up, u) + b_up[:, None])) \
-        + b_down[:, None]
+    return _linear(W_down, F.gelu(_linear(W_up, u) + b_up[:, None])) + b_down[:, None]
 
 
 class CMSLevel:
@@ -32,7 +40,10 @@ class CMSLevel:
 
     def __init__(self, cms, lv: int, batch: int):
         up, down = cms.up[lv], cms.down[lv]
-        slow = (up.weight, up.bias, down.weight, down.bias)
+        if cms.form.name == "swiglu":
+            slow = (cms.gate_proj[lv].weight, up.weight, down.weight)
+        else:
+            slow = (up.weight, up.bias, down.weight, down.bias)
         self.theta = [t.detach().expand(batch, *t.shape).clone() for t in slow]
         self.acc = [torch.zeros_like(t) for t in self.theta]
         self.period, self.clip = cms.chunk_sizes[lv], cms.grad_clip
@@ -52,17 +63,18 @@ class CMSLevel:
 
 
 def hope_from_levels(model: CMSLanguageModel, ids: torch.Tensor) -> torch.Tensor:
-    """``model(ids).logits`` of a HOPE / HOPE-attention with the "lm" CMS objective and the "sequential" or "nested"
-    variant, recomputed from the levels. ids: (B, T) -> logits: (B, T, V)."""
-    cms0 = model.blocks[0].cms
-    if model.objective != "lm" or cms0.variant not in ("sequential", "nested") or cms0.form.name != "gelu":
-        raise ValueError("the decomposition covers GELU levels, the 'lm' objective, the 'sequential' or 'nested' "
-                         "variant")
-    if any(t in ("direct", "generate") for b in model.blocks for t in b.cms.transfers):
+    """``model(ids).logits`` of a CMS language model (HOPE, HOPE-attention, a hopeified pretrained LM) with the "lm"
+    objective and the "sequential" or "nested" variant, recomputed from the levels. ids: (B, T) -> logits."""
+    layers = model.cms_layers()
+    cms0 = layers[0]
+    if model.objective != "lm" or any(c.variant not in ("sequential", "nested") for c in layers):
+        raise ValueError("the decomposition covers the 'lm' objective with the 'sequential' or 'nested' variant")
+    if any(t in ("direct", "generate") for c in layers for t in c.transfers):
         raise ValueError("the decomposition covers the transfers 'init' and 'backprop' (same forward)")
     B, T = ids.shape
     C_min = cms0.segment_size
-    levels = [[CMSLevel(b.cms, lv, B) for lv in range(b.cms.n_levels)] for b in model.blocks]
+    levels = [[] if b.cms is None else [CMSLevel(b.cms, lv, B) for lv in range(b.cms.n_levels)]
+              for b in model.blocks]
     mixers = [s.detach() for s in model.initial_state(B, ids.device).mixers]
     logits = []
     for a in range(0, T, C_min):
@@ -75,6 +87,10 @@ def hope_from_levels(model: CMSLanguageModel, ids: torch.Tensor) -> torch.Tensor
                 y, ms = block.mixer(block.norm1(x), ms)
                 x = x + y
                 u = block.norm2(x)
+                if block.cms is None:  # a plain (frozen) MLP
+                    x = x + block.mlp(u)
+                    new_mixers.append(ms)
+                    continue
                 chain = u
                 for theta in blk_thetas:
                     chain = chain + _mlp_branch(chain, theta)
@@ -95,7 +111,7 @@ def hope_from_levels(model: CMSLanguageModel, ids: torch.Tensor) -> torch.Tensor
                 lv.acc = [acc + next(grads) for acc in lv.acc]
                 if end % lv.period == 0:
                     lv.boundary_step()
-            if cms0.variant == "nested":  # Eq 72-73: slowest first, a faster level restarts from the slower one
+            if blk and cms0.variant == "nested":  # Eq 72-73: slowest first, a faster level restarts from the slower one
                 for s in range(len(blk) - 2, -1, -1):
                     if end % blk[s + 1].period == 0:
                         blk[s].theta = [t.clone() for t in blk[s + 1].theta]
