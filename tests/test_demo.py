@@ -7,7 +7,7 @@ from nested_learning.demo import DemoConfig, run_demo
 
 def test_demo_runs_and_writes_report(tmp_path, monkeypatch):
     monkeypatch.setenv("NESTED_LEARNING_CACHE", str(tmp_path / "cache"))
-    demo = DemoConfig(models=("transformer", "hope"), steps=2, out_dir=str(tmp_path / "demo"), max_docs=60,
+    demo = DemoConfig(models=("transformer", "hope"), steps=2, out_dir=str(tmp_path / "demo"), max_docs=60, pretrained=None,
                       sample_tokens=3, stream_docs=1, stream_tokens=300)
     overrides = {"model_overrides.dim": "32", "model_overrides.n_layers": "1", "seq_len": "32", "batch_size": "2",
                  "eval_batches": "2", "eval_batch_size": "2"}

@@ -35,7 +35,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
 
     d = sub.add_parser("demo", help="the main job: train small models on the corpus and write a report")
-    d.add_argument("--models", default=None, help="comma-separated model names (default: the demo's list)")
+    d.add_argument("--models", default=None, help="comma-separated model names (default: the demo's list; none: skip)")
+    d.add_argument("--pretrained", default=None, help="the pretrained model to Hope-ify (default smollm2-135m; none: skip)")
     d.add_argument("--steps", type=int, default=None)
     d.add_argument("--out-dir", default=None)
     d.add_argument("--max-docs", type=int, default=None, help="use only the first N documents (quick runs)")
@@ -114,7 +115,7 @@ def _run(args) -> int:
         from nested_learning.training import evaluate_loss
 
         model, config = _load_run(args.checkpoint)
-        tokens = load_tokens(args.split, config.max_docs)
+        tokens = load_tokens(args.split, config.max_docs, getattr(model, "tokenizer", None))
         loss = evaluate_loss(model, tokens, config.eval_batch_size, config.seq_len, args.batches,
                              next(model.parameters()).device)
         print(json.dumps({"split": args.split, "loss": loss, "perplexity": math.exp(min(loss, 50))}))
@@ -126,7 +127,7 @@ def _run(args) -> int:
         from nested_learning.data import get_tokenizer
 
         model, _ = _load_run(args.checkpoint)
-        tok = get_tokenizer()
+        tok = getattr(model, "tokenizer", None) or get_tokenizer()
         ids = torch.tensor([tok.encode(args.prompt)])
         out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              generator=torch.Generator().manual_seed(args.seed))
@@ -138,7 +139,9 @@ def _run(args) -> int:
 
         demo = DemoConfig()
         if args.models:
-            demo.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+            demo.models = tuple(m.strip() for m in args.models.split(",") if m.strip() and m.strip() != "none")
+        if args.pretrained:
+            demo.pretrained = None if args.pretrained == "none" else args.pretrained
         if args.steps is not None:
             demo.steps = args.steps
         if args.out_dir:

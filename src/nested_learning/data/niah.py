@@ -96,27 +96,26 @@ def _question(kind: str, keys: list[str], many: bool = False) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _haystack_stream(split: str, max_docs: int | None) -> np.ndarray:
+def _haystack_stream(split: str, max_docs: int | None, tok) -> np.ndarray:
     from nested_learning.data import load_tokens
 
-    return np.asarray(load_tokens(split, max_docs))
+    return np.asarray(load_tokens(split, max_docs, tok))
 
 
-@functools.lru_cache(maxsize=1)
-def _filler_ids() -> tuple[int, ...]:
-    from nested_learning.data import get_tokenizer
-
-    return tuple(get_tokenizer().encode(FILLER))
+@functools.lru_cache(maxsize=4)
+def _filler_ids(tok) -> tuple[int, ...]:
+    return tuple(tok.encode(FILLER))
 
 
 def make_instance(task: str, length: int, seed: int = 0, index: int = 0, split: str = "test",
-                  max_docs: int | None = None) -> NIAHInstance:
-    """Instance ``index`` of ``task`` at ``length`` tokens, its haystack from LM split ``split``."""
+                  max_docs: int | None = None, tokenizer=None) -> NIAHInstance:
+    """Instance ``index`` of ``task`` at ``length`` tokens, its haystack from LM split ``split``; ``tokenizer``:
+    a pretrained model's (default GPT-2's)."""
     from nested_learning.data import get_tokenizer
 
     if task not in NIAH_TASKS:
         raise ValueError(f"unknown NIAH task {task!r}; choose from {NIAH_TASKS}")
-    tok = get_tokenizer()
+    tok = tokenizer or get_tokenizer()
     rng = np.random.default_rng([seed, index, length, NIAH_TASKS.index(task)])
     needles, values, question, kind = _needles(task, rng)
     answer = ", ".join(values)
@@ -127,10 +126,10 @@ def make_instance(task: str, length: int, seed: int = 0, index: int = 0, split: 
     if n_hay < 1:
         raise ValueError(f"length {length} is too short for a {task} instance (needs > {length - n_hay + 1})")
     if task == "s_niah_1":
-        filler = _filler_ids()
+        filler = _filler_ids(tok)
         hay = [filler[i % len(filler)] for i in range(n_hay)]
     else:
-        stream = _haystack_stream(split, max_docs)
+        stream = _haystack_stream(split, max_docs, tok)
         if len(stream) < n_hay:
             raise ValueError(f"the {split} split has {len(stream)} tokens, fewer than a {n_hay}-token haystack")
         start = int(rng.integers(0, len(stream) - n_hay + 1))
@@ -152,16 +151,13 @@ def _insert(hay: list[int], needles: list[list[int]], rng, tok) -> list[int]:
     return out + hay[last:]
 
 
-@functools.lru_cache(maxsize=1)
-def _sentence_end_ids() -> frozenset:
-    from nested_learning.data import get_tokenizer
-
-    tok = get_tokenizer()
+@functools.lru_cache(maxsize=4)
+def _sentence_end_ids(tok) -> frozenset:
     return frozenset(tok.encode(s)[0] for s in (".", "\n", ".\n", "!", "?")) | {tok.eot_id}
 
 
 def _sentence_end(hay: list[int], pos: int, tok) -> int:
-    ends = _sentence_end_ids()
+    ends = _sentence_end_ids(tok)
     for j in range(pos, min(pos + SEARCH_WINDOW, len(hay))):
         if hay[j] in ends:
             return j + 1
@@ -169,6 +165,6 @@ def _sentence_end(hay: list[int], pos: int, tok) -> int:
 
 
 def make_instances(task: str, length: int, n: int, seed: int = 0, split: str = "test",
-                   max_docs: int | None = None) -> list[NIAHInstance]:
+                   max_docs: int | None = None, tokenizer=None) -> list[NIAHInstance]:
     """``n`` instances of ``task`` at ``length`` tokens (indices 0..n-1)."""
-    return [make_instance(task, length, seed, i, split, max_docs) for i in range(n)]
+    return [make_instance(task, length, seed, i, split, max_docs, tokenizer) for i in range(n)]

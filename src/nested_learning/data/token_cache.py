@@ -45,22 +45,25 @@ def cache_dir() -> Path:
     return base / "nested-learning"
 
 
-def cache_path(split: str, max_docs: int | None = None) -> Path:
-    """Where ``load_tokens(split, max_docs)`` keeps its tokens."""
-    settings = f"{corpus_fingerprint()}|{get_tokenizer().fingerprint}|cache-v{CACHE_FORMAT_VERSION}"
+def cache_path(split: str, max_docs: int | None = None, tokenizer=None) -> Path:
+    """Where ``load_tokens(split, max_docs, tokenizer)`` keeps its tokens."""
+    tok = tokenizer or get_tokenizer()
+    settings = f"{corpus_fingerprint()}|{tok.fingerprint}|cache-v{CACHE_FORMAT_VERSION}"
     digest = hashlib.blake2b(settings.encode(), digest_size=6).hexdigest()
     docs = "all" if max_docs is None else str(max_docs)
     return cache_dir() / f"lm-{split}-{docs}docs-{digest}.uint16"
 
 
-def encode_documents(docs: list[str], desc: str = "tokenising") -> np.ndarray:
+def encode_documents(docs: list[str], desc: str = "tokenising", tokenizer=None) -> np.ndarray:
     """``doc_0 <eot> doc_1 <eot> ...`` as a uint16 array of shape (n_tokens,), in memory (no cache)."""
-    return np.concatenate([np.zeros(0, DTYPE), *_encoded_chunks(docs, desc)])
+    return np.concatenate([np.zeros(0, DTYPE), *_encoded_chunks(docs, desc, tokenizer)])
 
 
-def _encoded_chunks(docs: list[str], desc: str) -> Iterator[np.ndarray]:
+def _encoded_chunks(docs: list[str], desc: str, tokenizer=None) -> Iterator[np.ndarray]:
     """Yield uint16 arrays of ``BATCH_DOCS`` documents each, every document followed by the end-of-text id."""
-    tok = get_tokenizer()
+    tok = tokenizer or get_tokenizer()
+    if tok.vocab_size > np.iinfo(DTYPE).max + 1:
+        raise ValueError(f"a vocabulary of {tok.vocab_size} tokens does not fit the uint16 token cache")
     eot = [tok.eot_id]
     with tqdm(total=len(docs), desc=desc, unit="doc", unit_scale=True) as bar:
         for start in range(0, len(docs), BATCH_DOCS):
@@ -70,14 +73,14 @@ def _encoded_chunks(docs: list[str], desc: str) -> Iterator[np.ndarray]:
             bar.update(len(batch))
 
 
-def _build(path: Path, split: str, max_docs: int | None) -> None:
+def _build(path: Path, split: str, max_docs: int | None, tokenizer=None) -> None:
     """Tokenise the split and write it to ``path`` atomically (temp file in the same directory + os.replace)."""
     docs = load_lm_documents(split, max_docs)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            for chunk in _encoded_chunks(docs, desc=f"tokenising {split}"):
+            for chunk in _encoded_chunks(docs, desc=f"tokenising {split}", tokenizer=tokenizer):
                 chunk.tofile(f)
             f.flush()
             os.fsync(f.fileno())
@@ -89,18 +92,20 @@ def _build(path: Path, split: str, max_docs: int | None) -> None:
         raise
 
 
-def load_tokens(split: str, max_docs: int | None = None) -> np.ndarray:
+def load_tokens(split: str, max_docs: int | None = None, tokenizer=None) -> np.ndarray:
     """Token stream of an LM split, shape (n_tokens,), dtype uint16, read-only memmap (built on first use).
 
     Args:
         split: "train", "val" or "test".
         max_docs: only the first ``max_docs`` documents of the split (see ``load_lm_documents``).
+        tokenizer: another tokenizer than GPT-2's (a pretrained model's), with ``encode_batch``, ``eot_id``,
+            ``vocab_size`` and ``fingerprint``; each tokenizer has its own cache.
     """
     if split not in LM_SPLITS:
         raise ValueError(f"split must be one of {LM_SPLITS}, got {split!r}")
-    path = cache_path(split, max_docs)
+    path = cache_path(split, max_docs, tokenizer)
     if not path.is_file():
-        _build(path, split, max_docs)
+        _build(path, split, max_docs, tokenizer)
     if path.stat().st_size == 0:  # np.memmap refuses empty files
         return np.zeros(0, DTYPE)
     return np.memmap(path, dtype=DTYPE, mode="r")

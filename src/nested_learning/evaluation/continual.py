@@ -13,6 +13,12 @@ how the model and its context change as tasks arrive:
   state, with test-time memory updates switched on for models that have them (HOPE's CMS learns here); tests are
   scored from the state at the end of the stream. For a model without test-time updates this is in-context
   learning with every example seen so far (a Transformer keeps them in its KV cache, up to its context limit).
+* ``stream_frozen``: the same stream with test-time updates off: in-context learning over every example, as far
+  as the model's own context reaches (a sliding attention window keeps the most recent ones), and the control
+  that isolates what the memory updates add.
+
+``score_updates=False`` scores every test query from a snapshot of the state with the updates off, so no method
+learns from the test queries.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from nested_learning.evaluation.scoring import LabelScorer
 from nested_learning.evaluation.train_loop import fit
 
 METHODS = ("finetune", "ewc", "icl", "memory")
+ALL_METHODS = METHODS + ("stream_frozen",)
 
 
 @dataclasses.dataclass
@@ -52,13 +59,14 @@ class CLConfig:
     fisher_samples: int = 32
     icl_shots: int = 1
     max_text_tokens: int = 48
+    score_updates: bool = True
     progress: bool = True
 
 
 def run_method(backbone: torch.nn.Module, stream: CLStream, method: str, cfg: CLConfig, seed: int = 0) -> dict:
     """Learn ``stream`` with ``method`` from a copy of ``backbone``; returns R and its metrics."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if method not in ALL_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {ALL_METHODS}")
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     model = copy.deepcopy(backbone).eval()
@@ -66,7 +74,8 @@ def run_method(backbone: torch.nn.Module, stream: CLStream, method: str, cfg: CL
     T = len(stream.tasks)
     R = np.full((T, T), np.nan)
     ewc = EWC(model, cfg.ewc_lambda) if method == "ewc" else None
-    learner = _MemoryLearner(model, scorer) if method == "memory" else None
+    streams = method in ("memory", "stream_frozen")
+    learner = _MemoryLearner(model, scorer, learn=method == "memory") if streams else None
     rng = np.random.default_rng([seed, 11])
     bar = tqdm(total=T, desc=f"{stream.benchmark}/{method}", disable=not cfg.progress, leave=False)
     for i, task in enumerate(stream.tasks):
@@ -80,7 +89,7 @@ def run_method(backbone: torch.nn.Module, stream: CLStream, method: str, cfg: CL
         else:
             state = learner.learn(task.train)
         cands = stream.classes_up_to(i)
-        with test_time_updates(model, True if method == "memory" else None):
+        with test_time_updates(model, (True if cfg.score_updates else False) if method == "memory" else None):
             for j in range(i + 1):
                 R[i, j] = scorer.accuracy(stream.tasks[j].test, cands, state)
         bar.update(1)
@@ -90,7 +99,7 @@ def run_method(backbone: torch.nn.Module, stream: CLStream, method: str, cfg: CL
         "matrix": cm.matrix_to_json(R),
         **cm.summarize(R),
         "seconds": time.perf_counter() - t0,
-        "test_time_updates": bool(learner and learner.switch) if method == "memory" else None,
+        "test_time_updates": bool(learner and learner.switch and learner.learn_on) if streams else None,
         "batched_scoring": scorer._tiling_ok,  # False: the model's state could not be tiled; scored one by one
         "memory_tokens_dropped": learner.dropped if learner else None,
     }
@@ -131,8 +140,8 @@ def _context_budget(limit: int) -> int:
 class _MemoryLearner:
     """Streams each task's training examples through the model with test-time updates on, carrying the state."""
 
-    def __init__(self, model, scorer: LabelScorer):
-        self.model, self.scorer = model, scorer
+    def __init__(self, model, scorer: LabelScorer, learn: bool = True):
+        self.model, self.scorer, self.learn_on = model, scorer, learn
         self.switch = has_test_time_switch(model)
         self.limit = context_limit(model)
         self.ids: list[int] = []
@@ -142,7 +151,7 @@ class _MemoryLearner:
     def learn(self, rows) -> object:
         new = self.scorer.context_ids(rows)
         self.ids += new
-        with test_time_updates(self.model, True):
+        with test_time_updates(self.model, self.learn_on):
             if self.limit is None or len(self.ids) <= _context_budget(self.limit):
                 self.state = prefill(self.model, torch.tensor([new]), self.state)[1]
             else:

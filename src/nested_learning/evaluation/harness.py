@@ -118,7 +118,15 @@ def tile_state(state: Any, n: int) -> Any:
     ``(B * heads, ...)``. 0-d tensors are left alone. Callers check the result against an untiled run
     (:func:`nested_learning.evaluation.scoring.check_tiling`) before trusting it for a new model.
     """
-    return _map_state(state, lambda t: t if t.dim() == 0 else t.repeat(n, *([1] * (t.dim() - 1))))
+    return _map_state(state, lambda t: t if t.dim() == 0 else _tile(t, n))
+
+
+def _tile(t: torch.Tensor, n: int) -> torch.Tensor:
+    # a batch of one is expanded, not copied: a pretrained model's fast weights are hundreds of MB per sequence, and
+    # the models never write into a state in place
+    if t.shape[0] == 1:
+        return t.expand(n, *t.shape[1:])
+    return t.repeat(n, *([1] * (t.dim() - 1)))
 
 
 def clone_state(state: Any) -> Any:

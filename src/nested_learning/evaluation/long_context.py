@@ -96,11 +96,11 @@ def greedy_answer(model: torch.nn.Module, ids: list[int], n_new: int, chunk: int
     return out
 
 
-def score(inst: NIAHInstance, generated: list[int]) -> tuple[bool, float, str]:
+def score(inst: NIAHInstance, generated: list[int], tokenizer=None) -> tuple[bool, float, str]:
     """(exact match, recall of the asked values, decoded text) of a generated answer."""
     from nested_learning.data import get_tokenizer
 
-    text = get_tokenizer().decode(generated)
+    text = (tokenizer or get_tokenizer()).decode(generated)
     return text.strip() == inst.answer, float(np.mean([v in text for v in inst.values])), text
 
 
@@ -117,11 +117,13 @@ def evaluate(model: torch.nn.Module, cfg: NIAHConfig, seed: int = 0) -> dict:
         bar.set_postfix(task=task, length=length)
         key = str(length)
         em[task][key] = recall[task][key] = None
-        instances = [make_instance(task, length, seed, i, "test") for i in range(cfg.n_eval)]
+        tok = getattr(model, "tokenizer", None)
+        instances = [make_instance(task, length, seed, i, "test", tokenizer=tok) for i in range(cfg.n_eval)]
         if limit is not None and length + max(len(i.answer_ids) for i in instances) > limit:
             continue  # n/a: the model cannot read this many tokens
         try:
-            results = [score(i, greedy_answer(model, i.input_ids, len(i.answer_ids), cfg.chunk)) for i in instances]
+            results = [score(i, greedy_answer(model, i.input_ids, len(i.answer_ids), cfg.chunk), tok)
+                       for i in instances]
         except ValueError as err:  # a limit the model enforces but does not expose
             if "exceeds" not in str(err):
                 raise

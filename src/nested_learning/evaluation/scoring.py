@@ -30,7 +30,7 @@ class LabelScorer:
     def __init__(self, model: torch.nn.Module, label_names: dict[str, str], max_text_tokens: int = 48):
         from nested_learning.data import get_tokenizer
 
-        self.model, self.tok = model, get_tokenizer()
+        self.model, self.tok = model, getattr(model, "tokenizer", None) or get_tokenizer()
         self.max_text_tokens = max_text_tokens
         self.cont = {raw: self.tok.encode(format_example("", name)[1]) for raw, name in label_names.items()}
         self._tiling_ok: bool | None = None

@@ -9,23 +9,32 @@ import torch.nn as nn
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
 
-def register_model(name: str):
+_FROM_PRETRAINED: set[str] = set()
+
+
+def register_model(name: str, from_pretrained: bool = False):
+    """Register a builder ``fn(size, **overrides)``. ``from_pretrained``: ``size`` names a pretrained checkpoint;
+    such models are built by name but left out of :func:`model_names` (the suites that train every model from
+    scratch skip them)."""
+
     def deco(fn):
         _BUILDERS[name] = fn
+        if from_pretrained:
+            _FROM_PRETRAINED.add(name)
         return fn
 
     return deco
 
 
-def model_names() -> list[str]:
-    return sorted(_BUILDERS)
+def model_names(include_pretrained: bool = False) -> list[str]:
+    return sorted(n for n in _BUILDERS if include_pretrained or n not in _FROM_PRETRAINED)
 
 
 def build_model(name: str, size: str = "tiny", **overrides) -> nn.Module:
     """``build_model("transformer", "tiny", dim=64)``; unknown names raise ``ValueError`` listing the valid ones."""
     key = name.lower().replace("-", "_")
     if key not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; choose from {model_names()}")
+        raise ValueError(f"unknown model {name!r}; choose from {model_names(include_pretrained=True)}")
     return _BUILDERS[key](size, **overrides)
 
 
@@ -64,7 +73,7 @@ def _hope_attention(size: str, **overrides):
     return HOPEAttention.from_preset(size, **overrides)
 
 
-@register_model("hopeified")
+@register_model("hopeified", from_pretrained=True)
 def _hopeified(size: str, **overrides):
     """``size``: a pretrained model's name (``"smollm2-135m"``) or checkpoint directory; overrides: hopeify's."""
     from nested_learning.models.pretrained import hopeify, load_pretrained

@@ -86,8 +86,9 @@ class Trainer:
             # Rank 0 builds the token cache once; the other ranks then read it instead of repeating the work.
             if not self.dist.is_main:
                 barrier(self.dist)
-            train_tokens = train_tokens if train_tokens is not None else load_tokens("train", config.max_docs)
-            val_tokens = val_tokens if val_tokens is not None else load_tokens("val", config.max_docs)
+            tok = getattr(model, "tokenizer", None)  # a pretrained model reads the corpus with its own tokenizer
+            train_tokens = train_tokens if train_tokens is not None else load_tokens("train", config.max_docs, tok)
+            val_tokens = val_tokens if val_tokens is not None else load_tokens("val", config.max_docs, tok)
             if self.dist.is_main:
                 barrier(self.dist)
         self.train_tokens, self.val_tokens = train_tokens, val_tokens

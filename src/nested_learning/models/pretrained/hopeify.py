@@ -39,7 +39,8 @@ SCHEMES = ("copies", "added")
 class HopeifyConfig:
     """layers: indices of the decoder layers whose MLP becomes a CMS (None: all). chunk_sizes: C_l of the levels.
     inner_lr / max_inner_lr / grad_clip / mode: as in :class:`ContinuumMemorySystem`. window: attention span in
-    tokens (None: the model's ``max_position_embeddings``)."""
+    tokens (None: the model's ``max_position_embeddings``). train_only_cms: only the CMS parameters (levels'
+    initial weights, rates, gates) require grad."""
 
     layers: tuple | None = None
     chunk_sizes: tuple = (16, 256)
@@ -50,6 +51,7 @@ class HopeifyConfig:
     mode: str = "first_order"
     objective: str = "lm"
     window: int | None = None
+    train_only_cms: bool = False  # continual pre-training of the CMS levels alone, the pretrained rest frozen
 
     def __post_init__(self):
         self.chunk_sizes = tuple(int(c) for c in self.chunk_sizes)
@@ -123,6 +125,10 @@ class HopeifiedLM(CMSLanguageModel):
         self.blocks = nn.ModuleList(blocks)
         self.segment_size = min(config.chunk_sizes)
         self.hopeified_layers = layers
+        if config.train_only_cms:
+            cms_params = {id(p) for cms in self.cms_layers() for p in cms.parameters()}
+            for p in self.parameters():
+                p.requires_grad_(id(p) in cms_params)
 
     def mixer_initial_state(self, mixer, batch, device, dtype):
         return mixer.initial_state(batch, device, self.embed.weight.dtype)

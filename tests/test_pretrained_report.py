@@ -1,0 +1,69 @@
+"""The pretrained report end to end on a tiny random Llama read with the GPT-2 tokenizer: every suite runs, every
+table and plot it links exists, and the Hope-ified model's frozen condition equals the original."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from nested_learning.data import get_tokenizer  # noqa: E402
+from nested_learning.evaluation.continual import CLConfig  # noqa: E402
+from nested_learning.evaluation.pretrained_report import PretrainedReportConfig, run  # noqa: E402
+from nested_learning.evaluation.pretrained_stream import PretrainedStreamConfig, original_with_window  # noqa: E402
+from nested_learning.models import hopeify  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "methods",
+    [("stream_frozen", "memory"),
+     pytest.param(("finetune", "ewc", "icl", "stream_frozen", "memory"), marks=pytest.mark.slow)],
+)
+def test_tiny_pretrained_report_runs_every_suite(tmp_path, methods):
+    torch.manual_seed(0)
+    tok = get_tokenizer()
+    cfg_hf = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=24,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                      max_position_embeddings=512, tie_word_embeddings=True)
+    hf = transformers.LlamaForCausalLM(cfg_hf).eval()
+    cfg = PretrainedReportConfig(
+        model="tiny", hope={"chunk_sizes": (8, 16), "scheme": "copies", "inner_lr": 0.1}, window=32, seeds=(0,),
+        stream=PretrainedStreamConfig(n_docs=1, min_tokens=96, max_tokens=96, piece=32, windows=(32,)),
+        benchmarks=("clinc",),
+        continual=CLConfig(n_tasks=2, classes_per_task=2, train_per_class=1, test_per_class=1, epochs=1,
+                           batch_size=2, fisher_samples=1, max_text_tokens=8, score_updates=False,
+                           methods=methods),
+        niah_tasks=("s_niah_1",), niah_lengths=(96,), niah_n=1, niah_seeds=(0,), progress=False,
+    )
+    hope = hopeify(hf, tokenizer=tok, window=cfg.window, **cfg.hope)
+    hope.set_test_time_updates(False)
+    models = (hope, original_with_window(hf, tok, cfg.window), tok)
+    results = run(cfg, tmp_path, models=models)
+    ppl = results["stream"]["perplexity"]
+    assert ppl["cms_frozen@32"] == pytest.approx(ppl["original@32"], rel=1e-4)
+    assert ppl["cms_on@32"] != pytest.approx(ppl["cms_frozen@32"], rel=1e-6)
+    run0 = results["continual"]["clinc_seed0"]["methods"]
+    assert set(run0) == set(methods)
+    assert run0["memory"]["test_time_updates"] is True and run0["stream_frozen"]["test_time_updates"] is False
+    assert "s_niah_1|96|cms_on" in results["niah"]["seed0"]
+    report = (tmp_path / "REPORT_pretrained.md").read_text()
+    for link in ("plots/pretrained_stream.png", "plots/pretrained_continual.png"):
+        assert link in report and (tmp_path / link).is_file()
+    assert json.loads((tmp_path / "pretrained_report.json").read_text())["config"]["window"] == 32
+
+
+@pytest.mark.slow
+def test_real_smollm2_hopeified_demo_learns_at_test_time(tmp_path):
+    """SmolLM2-135M from its package: greedy answer, and the demo's Hope-ified model saved and reloaded."""
+    from nested_learning.cli import _load_run
+    from nested_learning.demo_pretrained import PretrainedDemoConfig, run_pretrained_demo
+    from nested_learning.models import load_pretrained
+
+    hf, tok = load_pretrained("smollm2-135m")
+    ids = torch.tensor([tok.encode("The capital of France is")])
+    assert tok.decode(hf.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1]:].tolist()).startswith(" Paris")
+    r = run_pretrained_demo(PretrainedDemoConfig(docs=1, tokens=512, sample_tokens=5), tmp_path)
+    assert r["perplexity"]["cms_on"] < r["perplexity"]["original"]
+    model, _ = _load_run(r["checkpoint"])
+    assert model.tokenizer is not None and model.window == 256
