@@ -142,3 +142,24 @@ def test_inner_step_is_the_gradient_of_the_segment_next_token_loss(llama):
         grads = torch.autograd.grad(loss, params, retain_graph=True)
         expected = cms.slow_weights(0) - cms.inner_lr()[0] / C * torch.cat([g.reshape(-1) for g in grads])
         torch.testing.assert_close(cms_state.weights[0][0], expected.detach(), rtol=0, atol=1e-10)
+
+
+@torch.no_grad()
+def test_a_saved_hopeified_run_reloads_for_eval_and_generate(llama, tmp_path):
+    import dataclasses
+
+    from nested_learning.cli import _load_run
+    from nested_learning.training.checkpoint import save_checkpoint
+    from nested_learning.training.config import TrainConfig
+
+    llama.save_pretrained(tmp_path / "tiny")
+    opts = {"chunk_sizes": [8, 16], "inner_lr": 0.2, "window": 24}
+    m = build_model("hopeified", str(tmp_path / "tiny"), **opts)
+    with torch.no_grad():
+        m.blocks[1].cms.down[0].weight.mul_(1.5)  # weights that differ from the pretrained ones
+    config = TrainConfig(model="hopeified", size=str(tmp_path / "tiny"), model_overrides=opts)
+    save_checkpoint(tmp_path / "run", 0, m, {"config": dataclasses.asdict(config), "step": 0})
+    back, _ = _load_run(str(tmp_path / "run"))
+    x = ids(T=40)
+    torch.testing.assert_close(back(x).logits, m(x).logits, rtol=0, atol=1e-6)
+    assert back.window == 24

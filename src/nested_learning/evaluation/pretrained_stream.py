@@ -30,8 +30,8 @@ CONDITIONS = ("original", "cms_frozen", "cms_on", "dynamic_eval")
 @dataclasses.dataclass
 class PretrainedStreamConfig:
     n_docs: int = 3
-    min_tokens: int = 3072
-    max_tokens: int = 3072
+    min_tokens: int = 1536
+    max_tokens: int = 2048
     piece: int = 256
     windows: tuple = (256,)
     dynamic_lr: float = 3e-2
