@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from ._validation import check_finite
+
 MODES = ("chunk", "recurrent")
 READS = ("after", "before")
 
@@ -17,6 +19,10 @@ READS = ("after", "before")
 # exp(g_t) * exp(-g_i) into row and column scales: exp(40) ~ 2e17 keeps every factor a normal fp32 number with
 # ample headroom; fp64 allows far more. Beyond it the masked differences exp(g_t - g_i) are used.
 FACTORED_LOG_RANGE = {torch.float32: 40.0, torch.float64: 300.0}
+
+
+# Smallest retention the chunked forms use (see chunk_log_decay).
+ALPHA_FLOOR = {torch.float32: math.exp(-30.0), torch.float64: math.exp(-300.0)}
 
 
 def check_options(mode: str, read: str, chunk_size: int) -> None:
@@ -60,6 +66,11 @@ def check_inputs(q, k, v, gates: dict, initial_state) -> tuple[int, int, int, in
         _check_tensor(name, g, 3)
         if g.shape != (B, T, H):
             raise ValueError(f"{name} must have shape (B, T, H) = {(B, T, H)}, got {tuple(g.shape)}")
+        if g.numel() and float(g.detach().min()) < 0:
+            raise ValueError(f"{name} must be >= 0, got {float(g.detach().min())}")
+    for name, x in (("q", q), ("k", k), ("v", v), *gates.items(), ("initial_state", initial_state)):
+        if x is not None:
+            check_finite(name, x.detach())
     if initial_state is not None:
         _check_tensor("initial_state", initial_state, 4)
         if initial_state.shape != (B, H, Dv, Dk):
@@ -109,7 +120,10 @@ def chunk_log_decay(alpha: torch.Tensor | None, C: int, dtype: torch.dtype):
     """
     if alpha is None:
         return None, None
-    log_alpha = to_chunks(torch.log(alpha.to(dtype)), C).contiguous()
+    # alpha = 0 (a full reset; sigmoid underflows to it) would give log 0 = -inf and -inf - -inf = NaN in the decay
+    # ratios. Clamped to ALPHA_FLOOR it keeps a fraction ~1e-13 (fp32) of the state, below the precision of the
+    # result, and the log-decay differences stay exact to the dtype's rounding (|log ALPHA_FLOOR| is small).
+    log_alpha = to_chunks(torch.log(alpha.to(dtype).clamp_min(ALPHA_FLOOR[dtype])), C).contiguous()
     g = torch.cumsum(log_alpha, dim=-1)
     return g, g - log_alpha
 
