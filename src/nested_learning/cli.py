@@ -129,10 +129,10 @@ def _run(args) -> int:
 
         from nested_learning.data import get_tokenizer
 
-        model, _ = _load_run(args.checkpoint)
-        tok = get_tokenizer()
         if not args.prompt:
             raise ValueError("--prompt must not be empty: generation continues a prompt of at least one token")
+        model, _ = _load_run(args.checkpoint)
+        tok = get_tokenizer()
         ids = torch.tensor([tok.encode(args.prompt)])
         out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              generator=torch.Generator().manual_seed(args.seed))

@@ -31,7 +31,7 @@ def check_options(mode: str, read: str, chunk_size: int) -> None:
     if read not in READS:
         raise ValueError(f"read must be one of {READS}, got {read!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__} {chunk_size!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 

@@ -73,6 +73,11 @@ class Trainer:
         from nested_learning.optimizers import build_optimizer
 
         self.config = config
+        if config.resume and not config.allow_fresh_start and ckpt.latest_checkpoint(config.out_dir) is None:
+            raise ValueError(  # before the model and the corpus are loaded: fail fast
+                f"resume=true but {config.out_dir!r} holds no checkpoint to resume from; set "
+                "allow_fresh_start=true to start a new run there, or point out_dir at an earlier run"
+            )
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
@@ -255,9 +260,12 @@ class Trainer:
                     tqdm.write(f"step {self.step}: non-finite loss or gradient ({loss}); step skipped")
                     if self.bad_in_a_row >= c.max_bad_steps:
                         self._log(row, writer, csv_path)
+                        kept = (f"the checkpoint of step {self._saved_step} in {self.out_dir} is intact"
+                                if self._saved_step >= 0 else "no checkpoint had been written yet")
                         raise TrainingDiverged(
-                            f"{self.bad_in_a_row} non-finite steps in a row at step {self.step}; training stopped. "
-                            f"The last good checkpoint in {self.out_dir} is intact."
+                            f"{self.bad_in_a_row} non-finite steps in a row at step {self.step}; training stopped "
+                            f"({kept}). With lr={c.lr:g} and grad_clip={c.grad_clip:g} the weights or the loss "
+                            "became non-finite: a smaller lr usually helps."
                         )
                 if c.eval_every and (self.step % c.eval_every == 0 or self.step == c.max_steps):
                     val_loss = self.evaluate()
