@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 import torch
+from test_training import VOCAB, _config, _trainer, _weights
 
 from nested_learning.cli import _load_run
 from nested_learning.models import build_model
 from nested_learning.training import TrainConfig
 from nested_learning.training import checkpoint as ckpt
-from test_training import VOCAB, _config, _trainer, _weights
 
 
 def _fresh():
