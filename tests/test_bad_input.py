@@ -286,3 +286,29 @@ def test_state_to_a_dtype_keeps_token_ids_and_counters():
 
 def test_table_size():
     assert len(CASES) + len(FILE_CASES) + len(CLI_CASES) >= 40
+
+
+def test_a_huge_lr_stops_with_a_message_that_names_it(tmp_path):
+    from test_training import _config, _trainer
+
+    from nested_learning.training import TrainingDiverged
+
+    t = _trainer(_config(tmp_path, lr=1e30, max_steps=10, max_bad_steps=3))
+    with pytest.raises(TrainingDiverged, match=r"lr=1e\+30 .*a smaller lr usually helps"):
+        t.train()
+
+
+def test_cli_reports_divergence_without_a_traceback(monkeypatch, capsys):
+    import nested_learning.training as training
+
+    class Diverging:
+        def __init__(self, config):
+            pass
+
+        def train(self):
+            raise training.TrainingDiverged("5 non-finite steps in a row at step 5; training stopped (lr=1e+30)")
+
+    monkeypatch.setattr(training, "Trainer", Diverging)
+    assert main(["train", "lr=1e30"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "lr=1e+30" in err
