@@ -66,11 +66,17 @@ def check_inputs(q, k, v, gates: dict, initial_state) -> tuple[int, int, int, in
         _check_tensor(name, g, 3)
         if g.shape != (B, T, H):
             raise ValueError(f"{name} must have shape (B, T, H) = {(B, T, H)}, got {tuple(g.shape)}")
-        if g.numel() and float(g.detach().min()) < 0:
-            raise ValueError(f"{name} must be >= 0, got {float(g.detach().min())}")
-    for name, x in (("q", q), ("k", k), ("v", v), *gates.items(), ("initial_state", initial_state)):
-        if x is not None:
-            check_finite(name, x.detach())
+    # one host sync for all checks (a GPU would otherwise stop once per tensor); the details only on failure
+    tensors = [(n, x.detach()) for n, x in (("q", q), ("k", k), ("v", v), *gates.items(),
+                                            ("initial_state", initial_state)) if x is not None and x.numel()]
+    flags = [torch.isfinite(x).all() for _, x in tensors]
+    flags += [(g.detach() >= 0).all() for g in gates.values() if g is not None and g.numel()]
+    if flags and not bool(torch.stack(flags).all()):
+        for name, x in tensors:
+            check_finite(name, x)
+        for name, g in gates.items():
+            if g is not None and float(g.detach().min()) < 0:
+                raise ValueError(f"{name} must be >= 0, got {float(g.detach().min())}")
     if initial_state is not None:
         _check_tensor("initial_state", initial_state, 4)
         if initial_state.shape != (B, H, Dv, Dk):
