@@ -1,5 +1,5 @@
-"""README's Python snippets run exactly as printed (in order, in one namespace, like a reader pasting them into one
-session), and its relative links point at files of the repository."""
+"""README's Python snippets run exactly as printed (in order, in one namespace, as a reader would paste them into one
+interpreter), and its relative links point at files of the repository."""
 
 import re
 from pathlib import Path
