@@ -18,11 +18,13 @@ def _linear(W, x):
 
 def reference_reads(layer: NeuralMemory, x: torch.Tensor, fn):
     """Token loop: gradients at the chunk-start weights (each from its own autograd call), then
-    S = eta S - theta g, M = (1 - alpha) M + S, y_t = M_t(q_t). Returns reads (N, T, dh) and final (M, S)."""
+    S = eta S - theta g, M = (1 - alpha) M + alpha M_init + S (M_init = 0 for retention="zero"), y_t = M_t(q_t).
+    Returns reads (N, T, dh) and final (M, S)."""
     q, k, v, theta, log_eta, log_keep, _ = layer.project(x, None)
     eta, keep = log_eta.exp(), log_keep.exp()
     N, T, _ = q.shape
     M = [[w[n].detach().clone() for w in layer.memory.init_weights(x.shape[0])] for n in range(N)]
+    M_init = [[w.clone() if layer.retention == "initial" else torch.zeros_like(w) for w in Mn] for Mn in M]
     S = [[torch.zeros_like(w) for w in M[n]] for n in range(N)]
     reads = torch.zeros_like(q)
     for n in range(N):
@@ -35,7 +37,8 @@ def reference_reads(layer: NeuralMemory, x: torch.Tensor, fn):
                 norm = torch.sqrt(sum(g.square().sum() for g in grads))
                 grads = [g * min(1.0, layer.grad_clip / norm.item()) for g in grads]
             S[n] = [eta[n, t] * s - theta[n, t] * g for s, g in zip(S[n], grads)]
-            M[n] = [keep[n, t] * m + s for m, s in zip(M[n], S[n])]
+            # (1 - alpha) M + alpha M_init, written as the decay of M - M_init
+            M[n] = [m0 + keep[n, t] * (m - m0) + s for m, m0, s in zip(M[n], M_init[n], S[n])]
             reads[n, t] = fn(M[n], q[n, t])
     return reads, M, S
 
@@ -43,9 +46,14 @@ def reference_reads(layer: NeuralMemory, x: torch.Tensor, fn):
 @pytest.mark.parametrize("memory,fn", [("mlp", _mlp), ("linear", _linear)])
 @pytest.mark.parametrize("chunk_size", [1, 3, 5])
 @pytest.mark.parametrize("grad_clip", [None, 0.5])
-def test_chunk_parallel_equals_token_loop(memory, fn, chunk_size, grad_clip):
+@pytest.mark.parametrize("retention", ["initial", "zero"])
+def test_chunk_parallel_equals_token_loop(memory, fn, chunk_size, grad_clip, retention):
     torch.manual_seed(1)
-    layer = NeuralMemory(8, n_heads=2, chunk_size=chunk_size, memory=memory, max_lr=1.0, grad_clip=grad_clip)
+    # theta up to 1 with unclipped steps overshoots on a memory held near its initial scale (reads ~4e4 at
+    # chunk_size 1, where fp64 rounding alone is 1e-10): the initial-retention runs take theta up to 0.5
+    max_lr = 1.0 if retention == "zero" else 0.5
+    layer = NeuralMemory(8, n_heads=2, chunk_size=chunk_size, memory=memory, max_lr=max_lr, grad_clip=grad_clip,
+                         retention=retention)
     layer = layer.double()
     if memory == "linear":
         with torch.no_grad():
@@ -124,8 +132,8 @@ def test_generic_and_closed_form_grad_factors_agree_to_second_order():
 
 
 def test_zero_learning_rate_only_decays_memory():
-    """theta = 0: no writes, so M_T = prod_t (1 - alpha_t) M_0 and the surprise stays zero."""
-    layer = NeuralMemory(8, n_heads=2, chunk_size=3, max_lr=0.0).double()
+    """theta = 0: no writes, so M_T = prod_t (1 - alpha_t) M_0 (retention="zero") and the surprise stays zero."""
+    layer = NeuralMemory(8, n_heads=2, chunk_size=3, max_lr=0.0, retention="zero").double()
     x = torch.randn(1, 7, 8, dtype=torch.float64)
     _, state = layer(x)
     *_, log_keep, _ = layer.project(x, None)
@@ -155,3 +163,12 @@ def test_gradient_clipping_keeps_an_mlp_memory_bounded_where_plain_steps_diverge
         plain = layer.read(x[:, :40])[0]
         layer.grad_clip = 1e9
         torch.testing.assert_close(layer.read(x[:, :40])[0], plain, rtol=0, atol=0)
+
+
+def test_zero_learning_rate_keeps_the_initial_memory_under_initial_retention():
+    """retention="initial": M - M_init decays, and a stream that starts at M_init without writes stays there."""
+    layer = NeuralMemory(8, n_heads=2, chunk_size=3, max_lr=0.0).double()
+    x = torch.randn(1, 7, 8, dtype=torch.float64)
+    _, state = layer(x)
+    for w, w0 in zip(state.weights, layer.memory.init_weights(1)):
+        torch.testing.assert_close(w, w0.detach(), rtol=0, atol=1e-14)

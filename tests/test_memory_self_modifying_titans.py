@@ -49,6 +49,8 @@ def reference_linear(layer, x):
                 decay = alpha * torch.eye(dh, dtype=x.dtype) - eta * torch.outer(k_t, k_t)
                 for box in BOXES:
                     v_hat = M0[box] @ v_t
+                    if mem.value_norm:  # bounded self-generated values: unit vectors, tanh for the gates
+                        v_hat = torch.tanh(v_hat) if box in ("eta", "alpha") else F.normalize(v_hat, dim=0)
                     if layer.objective == "dot":  # L = -<M k, v_hat>
                         grad = -torch.outer(v_hat, k_t)
                     else:  # L = 1/2 ||M k - v_hat||^2 at the chunk-start memory

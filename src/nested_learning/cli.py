@@ -58,14 +58,19 @@ def _load_run(checkpoint: str):
     from nested_learning.training.checkpoint import latest_checkpoint, load_checkpoint
 
     path = Path(checkpoint)
+    if not path.exists():
+        raise ValueError(f"--checkpoint {str(path)!r} does not exist")
     if not (path / "model.safetensors").exists():
         found = latest_checkpoint(path)
         if found is None:
-            raise SystemExit(f"no checkpoint found in {path}")
+            raise ValueError(f"--checkpoint {str(path)!r}: no intact checkpoint found there")
         path = found
     import torch
 
-    meta = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    try:
+        meta = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated zip, unpickling error, missing file
+        raise ValueError(f"--checkpoint {str(path)!r} is damaged or incomplete: {err}") from err
     config = apply_overrides(TrainConfig(), meta["config"])
     model = build_model(config.model, config.size, **config.model_overrides)
     load_checkpoint(path, model)
@@ -92,11 +97,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:])
     args = _build_parser().parse_args(argv)
+    from nested_learning.training import TrainingDiverged
+
     try:
         return _run(args)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:  # bad input: the message names it, a traceback would only hide it
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 def _run(args) -> int:
@@ -126,6 +136,8 @@ def _run(args) -> int:
 
         from nested_learning.data import get_tokenizer
 
+        if not args.prompt:
+            raise ValueError("--prompt must not be empty: generation continues a prompt of at least one token")
         model, _ = _load_run(args.checkpoint)
         tok = getattr(model, "tokenizer", None) or get_tokenizer()
         ids = torch.tensor([tok.encode(args.prompt)])

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops import delta_rule, linear_attention
+from ..ops._validation import check_layer_input
 from .conv import ShortConv
 from .state import LayerState
 
@@ -65,6 +66,7 @@ class _MatrixMemoryLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, state: MatrixMemoryState | None = None):
         """x: (B, T, dim) -> y: (B, T, dim), new state."""
+        check_layer_input(x, self.to_out.in_features)
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if state is None:
             state = self.initial_state(x.shape[0], x.device, dtype)

@@ -61,6 +61,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops._validation import check_int, check_layer_input
 from .cms_levels import LEVEL_FORMS, LevelCache, gelu_grad, make_level_form
 from .cms_transfer import TRANSFERS, LevelTransfer, parse_transfer
 from .state import LayerState
@@ -130,7 +131,9 @@ class ContinuumMemorySystem(nn.Module):
         transfer="init",
     ):
         super().__init__()
-        chunk_sizes = tuple(int(c) for c in chunk_sizes)
+        check_int("dim", dim)
+        check_int("expansion", expansion)
+        chunk_sizes = tuple(check_int(f"chunk_sizes[{i}]", c) for i, c in enumerate(chunk_sizes))
         if not chunk_sizes or min(chunk_sizes) < 1:
             raise ValueError(f"chunk_sizes must be positive integers, got {chunk_sizes}")
         if list(chunk_sizes) != sorted(chunk_sizes) or any(c % chunk_sizes[0] for c in chunk_sizes):
@@ -277,6 +280,7 @@ class ContinuumMemorySystem(nn.Module):
     # ------------------------------------------------------------------ standalone sequence layer
     def forward(self, x: torch.Tensor, state: CMSState | None = None) -> tuple[torch.Tensor, CMSState]:
         """``x: (B, T, d)`` -> ``(y: (B, T, d), state)``, the levels learning with the "next_input" objective."""
+        check_layer_input(x, self.dim)
         B, T, _ = x.shape
         if state is None:
             state = self.initial_state(

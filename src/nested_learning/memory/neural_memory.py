@@ -4,7 +4,7 @@ Per head, with q, k L2-normalised projections of the (convolved) input and v a p
 
     loss          l_t(M) = ||M(k_t) - v_t||^2                       (associative loss)
     surprise      S_t = eta_t S_{t-1} - theta_t grad l_t(M_{c})    (momentum eta_t, learning rate theta_t)
-    memory        M_t = (1 - alpha_t) M_{t-1} + S_t                (retention 1 - alpha_t)
+    memory        M_t = (1 - alpha_t) M_{t-1} + alpha_t M_init + S_t   (retention 1 - alpha_t, toward M_init)
     read          y_t = M_t(q_t)
 
 where M_c is the memory at the start of t's chunk (Eq 90: all gradients of one chunk are taken at the chunk's
@@ -26,6 +26,15 @@ input, see ``memories.py``), so the read with the per-token weights M_t never ma
 
 Read choice: y_t = M_t(q_t), the weights *after* token t's own write (Titans' retrieval with the current memory), which
 the dual form gives at no extra cost. All ratios come from log-cumsums masked before exp, so they lie in [0, 1].
+
+Retention choice (``retention="initial"``, the default). Titans' forgetting M_t = (1 - alpha_t) M_{t-1} + S_t is the
+gradient step on the loss plus a weight decay alpha/2 ||M||^2, which pulls the memory toward M = 0. For an MLP memory
+M(x) = x + W1 sigma(W2 x) that point is absorbing: at W1 = W2 = 0 both weight gradients vanish (W1's carries
+sigma(W2 k) = gelu(0) = 0, W2's carries W1^T), so once the decay has won the memory never learns again; an untrained
+Titans LM's memories reached exactly 0 within 10k tokens. We decay toward the meta-learned initial memory instead,
+the regulariser alpha/2 ||M - M_init||^2 (the initial state is what the outer loop learns, Eq 72-73): all formulas
+above hold for M - M_init, the memory stays within reach of M_init (bounded by its clipped steps) and never dies.
+``retention="zero"`` gives Titans' rule; for a zero-initialised linear memory the two are the same.
 """
 
 from __future__ import annotations
@@ -38,9 +47,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from ..ops._validation import check_int, check_layer_input
 from .conv import ShortConv
 from .memories import FastWeightMemory, LinearMemory, MLPMemory
 from .state import LayerState
+
+RETENTIONS = ("initial", "zero")
 
 
 @dataclasses.dataclass
@@ -103,6 +115,8 @@ class NeuralMemory(nn.Module):
             LM with chunks of 64 and theta <= 1/64, the second layer's MLP memory still grew from |W| ~ 4 to
             1e17 within four chunks of real text. Scaling each token's factors delta_i keeps the chunk-parallel
             dual form exact (the clipped gradient is still delta_i a_i^T).
+        retention: ``"initial"`` (decay toward the initial memory, see "Retention choice" above) or ``"zero"``
+            (Titans' decay toward 0).
     """
 
     def __init__(
@@ -115,12 +129,14 @@ class NeuralMemory(nn.Module):
         conv_size: int = 4,
         max_lr: float | None = None,
         grad_clip: float | None = None,
+        retention: str = "initial",
     ):
         super().__init__()
-        if dim % n_heads:
+        if not (isinstance(dim, int) and isinstance(n_heads, int) and n_heads > 0) or dim % n_heads:
+            check_int("dim", dim)
+            check_int("n_heads", n_heads)
             raise ValueError(f"dim={dim} must be divisible by n_heads={n_heads}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        check_int("chunk_size", chunk_size)
         self.dim, self.n_heads, self.head_dim, self.chunk_size = dim, n_heads, dim // n_heads, chunk_size
         dh = self.head_dim
         if memory == "mlp":
@@ -136,6 +152,9 @@ class NeuralMemory(nn.Module):
         if grad_clip is not None and grad_clip <= 0:
             raise ValueError(f"grad_clip must be positive or None, got {grad_clip}")
         self.grad_clip = grad_clip
+        if retention not in RETENTIONS:
+            raise ValueError(f"retention must be one of {RETENTIONS}, got {retention!r}")
+        self.retention = retention
         self.conv = ShortConv(dim, conv_size) if conv_size > 0 else None
         self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
         # per head logits of [theta, eta, alpha]; biases start at small steps, half momentum, slow forgetting
@@ -164,7 +183,7 @@ class NeuralMemory(nn.Module):
         theta = self.max_lr * torch.sigmoid(gates[0])
         return q, k, v, theta, F.logsigmoid(gates[1]), F.logsigmoid(-gates[2]), conv_cache
 
-    def _segment(self, w_grad, w_run, s_run, q, k, v, theta, log_eta, log_keep):
+    def _segment(self, w_grad, w_run, s_run, q, k, v, theta, log_eta, log_keep, w_star=None):
         """Tokens of one chunk (or part of one), chunk-parallel. q, k, v: (N, n, dh); gates (N, n)."""
         deltas, inputs = self.memory.grad_factors(w_grad, k, lambda out: 2.0 * (out - v))
         if self.grad_clip is not None:  # ||g_t||_F^2 = sum over weights of ||delta_t||^2 ||a_t||^2
@@ -178,25 +197,30 @@ class NeuralMemory(nn.Module):
         coef = (D @ P) * theta.unsqueeze(-2)  # C[t, i] theta_i: (N, n, n)
         scales = torch.stack([Fk, (D @ E.unsqueeze(-1)).squeeze(-1)], dim=-1)  # [F_t, B_t]: (N, n, 2)
 
+        # the recurrences run on W - W_init (retention toward the initial memory); W_init is added back on reads
+        w_dev = w_run if w_star is None else [w - w0 for w, w0 in zip(w_run, w_star)]
+
         def read(i: int, a: torch.Tensor) -> torch.Tensor:
             out = w_run[i].shape[-2]
             # F_t W_0 a + B_t S_0 a as one matmul against [W_0; S_0]
-            base = (a @ torch.cat([w_run[i], s_run[i]], dim=-2).mT).unflatten(-1, (2, out))
-            return (base * scales.unsqueeze(-1)).sum(-2) - ((a @ inputs[i].mT) * coef) @ deltas[i]
+            base = (a @ torch.cat([w_dev[i], s_run[i]], dim=-2).mT).unflatten(-1, (2, out))
+            y = (base * scales.unsqueeze(-1)).sum(-2) - ((a @ inputs[i].mT) * coef) @ deltas[i]
+            return y if w_star is None else y + a @ w_star[i].mT
 
         y = self.memory.forward_with(read, q)
         # weights of -g_i in the segment's last M and last S, side by side
         c_last = torch.stack([coef[:, -1], P[:, -1] * theta], dim=1).unsqueeze(-1)  # (N, 2, n, 1)
         f_last, b_last, e_last = Fk[:, -1, None, None], scales[:, -1, 1, None, None], E[:, -1, None, None]
         w_new, s_new = [], []
-        for W, S, d, a in zip(w_run, s_run, deltas, inputs):
+        for i, (W, S, d, a) in enumerate(zip(w_dev, s_run, deltas, inputs)):
             dw, ds = (d.mT.unsqueeze(1) @ (c_last * a.unsqueeze(1))).unbind(1)
-            w_new.append(f_last * W + b_last * S - dw)
+            w_new.append(f_last * W + b_last * S - dw + (0 if w_star is None else w_star[i]))
             s_new.append(e_last * S - ds)
         return y, w_new, s_new
 
     def read(self, x: torch.Tensor, state: NeuralMemoryState | None = None):
         """The memory part alone: x: (B, T, dim) -> reads y_t = M_t(q_t): (B*H, T, dh) in the state dtype, new state."""
+        check_layer_input(x, self.dim)
         B, T, _ = x.shape
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if state is None:
@@ -209,9 +233,12 @@ class NeuralMemory(nn.Module):
             sizes = chunk_sizes(T, self.chunk_size, pos)
             pieces = zip(*(t.split(sizes, dim=1) for t in (q, k, v, theta, log_eta, log_keep)))
             outs = []
+            w_star = None
+            if self.retention == "initial":
+                w_star = [w.to(device=x.device, dtype=dtype) for w in self.memory.init_weights(B)]
             for n, (q_c, k_c, v_c, theta_c, log_eta_c, log_keep_c) in zip(sizes, pieces):
                 y, w_run, s_run = self._segment(
-                    w_chunk, w_run, s_run, q_c, k_c, v_c, theta_c, log_eta_c, log_keep_c
+                    w_chunk, w_run, s_run, q_c, k_c, v_c, theta_c, log_eta_c, log_keep_c, w_star
                 )
                 outs.append(y)
                 pos += n

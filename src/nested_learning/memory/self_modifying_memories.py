@@ -6,7 +6,9 @@ chunk-start state (every memory evaluation of Eq 90 uses it), ``S`` the running 
 per-head inputs and normalised queries, and ``o: (B, n, H, dh)`` is o_t = M_{memory,t-1}(q_t) read from the running
 state before token t's write (the delta-rule op's read="before"). Gates: eta_t = sigmoid(M_eta(x_t) + b_eta),
 alpha_t = sigmoid(M_alpha(x_t) + b_alpha). Objectives: L = -<M(k), v_hat> ("dot") or 1/2 ||M(k) - v_hat||^2 ("l2").
-Values: v_t = normalize(M_v(x_t)) when ``value_norm`` (the default), else M_v(x_t).
+Values: v_t = normalize(M_v(x_t)) when ``value_norm`` (the default), else M_v(x_t). With ``value_norm`` the matrix
+memories' self-generated values are bounded too (``_Memories.bounded``); the Eq 89 MLP memories' values
+v_hat = v + W1 sigma(W2 v) are anchored by their residual term and stay as they are.
 """
 
 from __future__ import annotations
@@ -49,6 +51,23 @@ class _Memories(nn.Module):
         bias = self.gate_bias.to(eta_logit.dtype)
         return torch.sigmoid(eta_logit + bias[:, 0]), torch.sigmoid(alpha_logit + bias[:, 1])
 
+    def bounded(self, v_hat: torch.Tensor) -> torch.Tensor:
+        """Bounded self-generated values (with ``value_norm``): v_hat_box = normalize(M_box,c v_t) for the dh-wide
+        boxes (k, v, memory) and tanh(M_box,c v_t) for the one-dimensional gate boxes (eta, alpha).
+
+        Why: the matrix memories' objective (Eq 92-93) is homogeneous in M -- the targets are M's own outputs -- so
+        it leaves the memories' scale undetermined, and the per-chunk map M_c -> M_{c+1} is linear in M_c. On long
+        streams the scale then drifts exponentially, up or down with the input statistics: an untrained HOPE tiny's
+        two layers went from |S| ~ 20 to 1e19 (inf) and to exactly 0 within 20k tokens. Bounded targets fix the
+        scale: the l2 objective's minimiser has unit outputs, as q_t, k_t, v_t are unit vectors, and the DGD
+        transition alpha I - eta k k^T has norm <= 1, so the memory stays bounded and cannot decay to 0 while its
+        own outputs are non-zero."""
+        if not self.value_norm:
+            return v_hat
+        dh = self.head_dim
+        main = F.normalize(v_hat[..., : 3 * dh].unflatten(-1, (3, dh)), dim=-1).flatten(-2)
+        return torch.cat([main, torch.tanh(v_hat[..., 3 * dh :])], dim=-1)
+
     def _delta(self, q, k, v, eta, alpha, S, chunk):
         return delta_rule(
             q, k, v, eta, alpha, initial_state=S, chunk_size=chunk, mode=self.op_mode, read="before"
@@ -61,7 +80,8 @@ class LinearSelfModifyingMemories(_Memories):
 
     The memories share k_t, eta_t and alpha_t, so one delta rule updates them all:
         S_t = S_{t-1}(alpha_t I - eta_t k_t k_t^T) + eta_t v'_t k_t^T,
-        v' = v_hat = S_c v_t (dot: -grad = v_hat k^T)   or   v' = v_hat - S_c k_t = S_c (v_t - k_t) (l2, grad at S_c).
+        v' = v_hat (dot: -grad = v_hat k^T)   or   v' = v_hat - S_c k_t (l2, grad at S_c),
+        v_hat = bounded(S_c v_t) with ``value_norm`` (unit k, v, memory values, tanh gate values), else S_c v_t.
     """
 
     def __init__(self, n_heads, head_dim, objective, eta_bias, alpha_bias, op_mode, value_norm):
@@ -84,8 +104,11 @@ class LinearSelfModifyingMemories(_Memories):
         k = F.normalize(proj[..., r["k"]], dim=-1)
         v = self.values(proj[..., r["v"]])
         eta, alpha = self.gates(proj[..., r["eta"]].squeeze(-1), proj[..., r["alpha"]].squeeze(-1))
-        # one matmul gives v_hat_box = M_box,c v_t (dot) or v_hat - M_c k = M_c (v_t - k_t) (l2) for all boxes
-        target = torch.einsum("bhrd,bthd->bthr", S_c, v - k if self.objective == "l2" else v)
+        v_hat = self.bounded(torch.einsum("bhrd,bthd->bthr", S_c, v))  # v_hat_box = M_box,c v_t for all boxes
+        if self.objective == "l2":  # v_hat - M_c k: the gradient taken at the chunk-start memory (Eq 90)
+            target = v_hat - torch.einsum("bhrd,bthd->bthr", S_c, k)
+        else:
+            target = v_hat
         o, S = self._delta(q, k, target, eta, alpha, S, x.shape[1])
         return o[..., r["memory"]], [S]
 

@@ -5,7 +5,8 @@ Per head (width dh), after a causal depthwise convolution of the input:
     q_t = normalize(x_t W_q)                                    the only static projection (Eq 83)
     k_t = normalize(M_k(x_t)),  v_t = normalize(M_v(x_t))       adaptive projections (Eq 83; v normalised: value_norm)
     eta_t = sigmoid(M_eta(x_t) + b_eta),  alpha_t = sigmoid(M_alpha(x_t) + b_alpha)
-    v_hat_box = M_box(v_t)         for box in {k, v, memory, eta, alpha}     self-generated values (Eq 84, 87)
+    v_hat_box = M_box(v_t)         for box in {k, v, memory, eta, alpha}     self-generated values (Eq 84, 87;
+                                   bounded with value_norm: normalize, tanh for the gates, see _Memories.bounded)
     M_box <- M_box (alpha_t I - eta_t k_t k_t^T) - eta_t grad L(M_box; k_t, v_hat_box)          DGD (Eq 88)
     o_t = M_memory(q_t)                                                                          (Eq 83)
 
@@ -39,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from ..ops._validation import check_int, check_layer_input
 from .conv import ShortConv
 from .neural_memory import chunk_sizes
 from .self_modifying_memories import LinearSelfModifyingMemories, MLPSelfModifyingMemories
@@ -98,14 +100,15 @@ class SelfModifyingTitans(nn.Module):
         value_norm: bool = True,
     ):
         super().__init__()
-        if dim % n_heads:
+        if not (isinstance(dim, int) and isinstance(n_heads, int) and n_heads > 0) or dim % n_heads:
+            check_int("dim", dim)
+            check_int("n_heads", n_heads)
             raise ValueError(f"dim={dim} must be divisible by n_heads={n_heads}")
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if memory not in MEMORIES:
             raise ValueError(f"memory must be one of {tuple(MEMORIES)}, got {memory!r}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        check_int("chunk_size", chunk_size)
         self.dim, self.n_heads, self.head_dim, self.chunk_size = dim, n_heads, dim // n_heads, chunk_size
         self.objective = objective
         self.conv = ShortConv(dim, conv_size) if conv_size > 0 else None
@@ -125,6 +128,7 @@ class SelfModifyingTitans(nn.Module):
 
     def read(self, x: torch.Tensor, state: SelfModifyingTitansState | None = None):
         """The memory part: x: (B, T, dim) -> o_t = M_{memory,t-1}(q_t): (B, T, H, dh) in the state dtype, new state."""
+        check_layer_input(x, self.dim)
         B, T, _ = x.shape
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if state is None:

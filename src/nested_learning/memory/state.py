@@ -35,7 +35,14 @@ class LayerState:
         return self.apply(lambda t: t.detach())
 
     def to(self, *args, **kwargs) -> LayerState:
-        return self.apply(lambda t: t.to(*args, **kwargs))
+        """Like ``nn.Module.to``: a dtype casts the floating-point tensors only (token ids and counters keep theirs)."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if t.is_floating_point():
+                return t.to(*args, **kwargs)
+            device = _device_of(args, kwargs)
+            return t if device is None else t.to(device)
+
+        return self.apply(move)
 
     def flatten(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """``{dotted.name: tensor}``; ints are stored as 0-d int64 tensors so the dict round-trips exactly."""
@@ -48,6 +55,17 @@ class LayerState:
         """A state shaped like ``self`` whose values come from ``flat`` (the output of :meth:`flatten`)."""
         values = {f.name: _unflatten_from(flat, f"{prefix}{f.name}", getattr(self, f.name)) for f in dataclasses.fields(self)}
         return dataclasses.replace(self, **values)
+
+
+def _device_of(args, kwargs):
+    if "device" in kwargs:
+        return kwargs["device"]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+        if isinstance(a, (str, torch.device)):
+            return a
+    return None
 
 
 def _flatten_into(out: dict, name: str, value: Any) -> None:

@@ -15,8 +15,16 @@ import torch
 import torch.nn as nn
 
 from nested_learning.memory.state import LayerState
-from nested_learning.models.base import LanguageModel, ModelOutput, check_input_ids, lm_loss
+from nested_learning.models.base import (
+    LanguageModel,
+    ModelOutput,
+    check_input_ids,
+    check_labels,
+    check_state_type,
+    lm_loss,
+)
 from nested_learning.models.layers import RMSNorm
+from nested_learning.models.state_checks import check_state, leaves, signature
 
 
 @dataclasses.dataclass
@@ -75,6 +83,9 @@ class BlockLM(LanguageModel):
 
     def forward(self, input_ids: torch.Tensor, state: LMState | None = None, labels: torch.Tensor | None = None):
         check_input_ids(input_ids, self.vocab_size)
+        check_labels(labels, input_ids, self.vocab_size)
+        if state is not None:
+            self._check_state(state, input_ids)
         position = 0 if state is None else state.position
         if self.max_seq_len is not None and position + input_ids.shape[1] > self.max_seq_len:
             raise ValueError(
@@ -88,7 +99,35 @@ class BlockLM(LanguageModel):
             new_states.append(st)
         logits = self.head(self.norm(x))
         loss = lm_loss(logits, labels) if labels is not None else None
-        return ModelOutput(logits, loss, LMState(new_states, position + input_ids.shape[1]))
+        new_state = LMState(new_states, position + input_ids.shape[1])
+        # in eval mode the state leaves the graph unless asked (keep_state_graph): a stream fed piece by piece
+        # would otherwise keep every piece's graph alive through the state, and memory would grow with the stream
+        if not (self.training or self.keep_state_graph):
+            new_state = new_state.detach()
+        return ModelOutput(logits, loss, new_state)
+
+    def _check_state(self, state, input_ids: torch.Tensor) -> None:
+        check_state_type(state, LMState, self)
+        if len(state.layers) != len(self.blocks):
+            raise ValueError(f"state has {len(state.layers)} layer states, this {type(self).__name__} has "
+                             f"{len(self.blocks)} blocks")
+        dtype = torch.float64 if self.embed.weight.dtype == torch.float64 else torch.float32
+        for i, (block, st) in enumerate(zip(self.blocks, state.layers)):
+            if st is None:
+                continue
+            if hasattr(block.mixer, "initial_state"):
+                cache = self.__dict__.setdefault("_mixer_signatures", {})
+                key = (i, str(input_ids.device), dtype)
+                if key not in cache:
+                    with torch.no_grad():
+                        cache[key] = signature(block.mixer.initial_state(1, input_ids.device, dtype),
+                                               block.mixer.initial_state(2, input_ids.device, dtype))
+                check_state(st, cache[key], input_ids.shape[0], f"{type(self).__name__} (layer {i})")
+            else:
+                for name, x in leaves(st).items():
+                    if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] != input_ids.shape[0]:
+                        raise ValueError(f"state of layer {i} ({name}) was made for batch size {x.shape[0]}, but "
+                                         f"input_ids has batch size {input_ids.shape[0]}")
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

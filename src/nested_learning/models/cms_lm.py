@@ -46,8 +46,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nested_learning.memory.cms import ContinuumMemorySystem, segment_bounds
 from nested_learning.memory.state import LayerState
-from nested_learning.models.base import LanguageModel, ModelOutput, check_input_ids
+from nested_learning.models.base import LanguageModel, ModelOutput, check_input_ids, check_labels
 from nested_learning.models.layers import RMSNorm
+from nested_learning.models.state_checks import check_cms_lm_call
 from nested_learning.models.tied_head import SegmentedHead
 
 OBJECTIVES = ("lm", "next_input")
@@ -221,8 +222,8 @@ class CMSLanguageModel(LanguageModel):
     ):
         check_input_ids(input_ids, self.vocab_size)
         B, T = input_ids.shape
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        check_labels(labels, input_ids, self.vocab_size)
+        check_cms_lm_call(self, state, input_ids)
         if state is None:
             state = self.initial_state(B, input_ids.device)
         if self.max_seq_len is not None and state.length + T > self.max_seq_len:
@@ -272,7 +273,8 @@ class CMSLanguageModel(LanguageModel):
                 mixers, start, position = new_mixers, b, end
         logits, loss = head.finish(P, labels)
         new_state = CMSLMState(mixers, cms, ids[:, start:], position)
-        return ModelOutput(logits, loss, new_state if outer else new_state.detach())
+        keep_graph = outer and (self.training or self.keep_state_graph)  # eval: the state leaves the graph
+        return ModelOutput(logits, loss, new_state if keep_graph else new_state.detach())
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

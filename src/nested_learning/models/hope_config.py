@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from nested_learning.ops._validation import check_int
+
 
 @dataclasses.dataclass
 class HOPEConfig:
@@ -51,7 +53,10 @@ class HOPEConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        self.chunk_sizes = tuple(int(c) for c in self.chunk_sizes)
+        # 16.7 must not become 16: every size is checked as an integer where the CMS is built
+        if isinstance(self.chunk_sizes, (int, float)) or not hasattr(self.chunk_sizes, "__iter__"):
+            raise TypeError(f"chunk_sizes must be a sequence of integers, got {self.chunk_sizes!r}")
+        self.chunk_sizes = tuple(check_int(f"chunk_sizes[{i}]", c) for i, c in enumerate(self.chunk_sizes))
         if not isinstance(self.cms_transfer, str):
             self.cms_transfer = tuple(self.cms_transfer)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch.nn as nn
@@ -35,7 +36,16 @@ def build_model(name: str, size: str = "tiny", **overrides) -> nn.Module:
     key = name.lower().replace("-", "_")
     if key not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; choose from {model_names(include_pretrained=True)}")
-    return _BUILDERS[key](size, **overrides)
+    try:
+        return _BUILDERS[key](size, **overrides)
+    except TypeError as err:  # dataclasses.replace(config, foo=1): name the setting, not the dataclass internals
+        match = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if match is None:
+            raise
+        raise TypeError(
+            f"model {name!r} has no setting {match.group(1)!r} (model_overrides {overrides}); "
+            f"see the fields of its config dataclass"
+        ) from err
 
 
 @register_model("transformer")

@@ -46,8 +46,14 @@ def load_state(path: str | Path, like, device: str | torch.device | None = None)
     """Read a state written by :func:`save_state`. ``like`` is a model with ``initial_state(batch, device)`` (the
     batch size comes from the file) or a template state of the same structure."""
     path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    if not path.is_file():
+        raise ValueError(f"state file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # empty, truncated or not a safetensors file at all
+        raise ValueError(f"state file {str(path)!r} is not a readable safetensors file (empty or truncated?): "
+                         f"{err}") from err
     if meta.get("format") != FORMAT:
         raise ValueError(
             f"{path} is not a saved stream state (format {meta.get('format')!r}, expected {FORMAT!r})"
@@ -67,10 +73,21 @@ def load_state(path: str | Path, like, device: str | torch.device | None = None)
             f"{path} holds a {meta.get('state_class')}, the template is a {type(template).__qualname__}"
         )
     flat = load_file(str(path), device=str(device) if device is not None else "cpu")
-    expected = set(template.flatten())
-    if expected != set(flat):
-        missing, extra = sorted(expected - set(flat)), sorted(set(flat) - expected)
-        raise ValueError(f"saved state does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    expected = template.flatten()
+    if set(expected) != set(flat):
+        missing, extra = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))
+        raise ValueError(f"saved state {str(path)!r} does not fit the model: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+    for name, want in expected.items():
+        got = flat[name]
+        # a dimension of size 0 in the template grows with the stream (the pending tokens)
+        fits = got.dim() == want.dim() and all(m == 0 or n == m for n, m in zip(got.shape, want.shape))
+        if not fits:
+            raise ValueError(f"saved state {str(path)!r} does not fit the model: {name!r} has shape "
+                             f"{tuple(got.shape)}, the model expects {tuple(want.shape)} (another model size?)")
+        if got.dtype != want.dtype:
+            raise TypeError(f"saved state {str(path)!r}: {name!r} has dtype {got.dtype}, the model expects "
+                            f"{want.dtype}")
     return template.unflatten(flat)
 
 

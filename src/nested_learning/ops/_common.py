@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from ._validation import check_finite
+
 MODES = ("chunk", "recurrent")
 READS = ("after", "before")
 
@@ -19,13 +21,17 @@ READS = ("after", "before")
 FACTORED_LOG_RANGE = {torch.float32: 40.0, torch.float64: 300.0}
 
 
+# Smallest retention the chunked forms use (see chunk_log_decay).
+ALPHA_FLOOR = {torch.float32: math.exp(-30.0), torch.float64: math.exp(-300.0)}
+
+
 def check_options(mode: str, read: str, chunk_size: int) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if read not in READS:
         raise ValueError(f"read must be one of {READS}, got {read!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__} {chunk_size!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
@@ -60,6 +66,17 @@ def check_inputs(q, k, v, gates: dict, initial_state) -> tuple[int, int, int, in
         _check_tensor(name, g, 3)
         if g.shape != (B, T, H):
             raise ValueError(f"{name} must have shape (B, T, H) = {(B, T, H)}, got {tuple(g.shape)}")
+    # one host sync for all checks (a GPU would otherwise stop once per tensor); the details only on failure
+    tensors = [(n, x.detach()) for n, x in (("q", q), ("k", k), ("v", v), *gates.items(),
+                                            ("initial_state", initial_state)) if x is not None and x.numel()]
+    flags = [torch.isfinite(x).all() for _, x in tensors]
+    flags += [(g.detach() >= 0).all() for g in gates.values() if g is not None and g.numel()]
+    if flags and not bool(torch.stack(flags).all()):
+        for name, x in tensors:
+            check_finite(name, x)
+        for name, g in gates.items():
+            if g is not None and float(g.detach().min()) < 0:
+                raise ValueError(f"{name} must be >= 0, got {float(g.detach().min())}")
     if initial_state is not None:
         _check_tensor("initial_state", initial_state, 4)
         if initial_state.shape != (B, H, Dv, Dk):
@@ -109,7 +126,10 @@ def chunk_log_decay(alpha: torch.Tensor | None, C: int, dtype: torch.dtype):
     """
     if alpha is None:
         return None, None
-    log_alpha = to_chunks(torch.log(alpha.to(dtype)), C).contiguous()
+    # alpha = 0 (a full reset; sigmoid underflows to it) would give log 0 = -inf and -inf - -inf = NaN in the decay
+    # ratios. Clamped to ALPHA_FLOOR it keeps a fraction ~1e-13 (fp32) of the state, below the precision of the
+    # result, and the log-decay differences stay exact to the dtype's rounding (|log ALPHA_FLOOR| is small).
+    log_alpha = to_chunks(torch.log(alpha.to(dtype).clamp_min(ALPHA_FLOOR[dtype])), C).contiguous()
     g = torch.cumsum(log_alpha, dim=-1)
     return g, g - log_alpha
 

@@ -13,7 +13,8 @@ Read-out: o_t = S_t q_t (read="after") or o_t = S_{t-1} q_t (read="before", Eq 8
 
 Stable range: L2-normalised keys, eta_t in (0, 1], alpha_t in (0, 1]. Then the transition alpha_t I - eta_t k k^T
 has eigenvalues alpha_t (multiplicity Dk - 1) and alpha_t - eta_t, both in (-1, 1], so the state stays bounded.
-alpha must be > 0 (the chunked form uses log alpha).
+alpha = 0 (a full reset) works in both forms: the chunked form takes log max(alpha, ALPHA_FLOOR), see
+``_common.chunk_log_decay``. Negative gates and non-finite inputs raise ``ValueError``.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def linear_attention(
     """Run the decayed Hebbian fast-weight rule over a sequence (Eq 5, 14-18).
 
     Args:
-        q, k: (B, T, H, Dk); v: (B, T, H, Dv); alpha: (B, T, H) retention in (0, 1] or None (no decay, Eq 15).
+        q, k: (B, T, H, Dk); v: (B, T, H, Dv); alpha: (B, T, H) retention in [0, 1] (0 resets the state) or None (no decay, Eq 15).
         initial_state: (B, H, Dv, Dk) or None (zeros).
         chunk_size, mode, read: as in ``delta_rule``.
 

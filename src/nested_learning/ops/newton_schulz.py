@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._validation import check_finite, check_int
+
 # Eq 44 / Algorithm 1: gradient descent on ||O^T O - I||^2 gives O <- O (3I - O^T O) / 2.
 CUBIC = (1.5, -0.5, 0.0)
 # Muon's quintic: a steep slope at 0 (a = 3.4445) pulls small singular values up fast; it converges to a band
@@ -54,6 +56,8 @@ def newton_schulz(
             or an explicit ``(a, b, c)``.
         eps: added to the Frobenius norm before normalising, so a zero matrix maps to zero.
 
+    A G with a NaN or inf entry raises ``ValueError`` (its normalised form, and so every iterate, would be NaN).
+
     Returns:
         (..., m, n) tensor in G's dtype. The iteration runs in fp32 (fp64 inputs stay fp64).
 
@@ -64,8 +68,9 @@ def newton_schulz(
         raise TypeError("newton_schulz expects a floating-point tensor")
     if G.ndim < 2:
         raise ValueError(f"newton_schulz expects a (..., m, n) tensor, got shape {tuple(G.shape)}")
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+    check_int("steps", steps, minimum=0)
+    # a NaN or inf entry would make the normalised input and every iterate NaN: raise instead of returning it
+    check_finite("G", G)
     a, b, c = _coefficients(coefficients)
 
     compute_dtype = torch.float64 if G.dtype == torch.float64 else torch.float32

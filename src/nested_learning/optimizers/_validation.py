@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 
 def check_nonnegative(name: str, value: float) -> None:
-    if not value >= 0.0:  # also rejects NaN
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    # an infinite rate or decay turns every weight into inf or NaN on the first step
+    try:
+        number = float(value)  # numbers and one-element tensors
+    except (TypeError, ValueError, RuntimeError):
+        number = None
+    if isinstance(value, bool) or number is None:
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not (number >= 0.0 and math.isfinite(number)):  # also rejects NaN
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 
 
 def check_lr(lr: float) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ._validation import check_lr, check_nonnegative
 from .adagrad_memory import AdaGradAsMemory
 from .adam_memory import AdamAsMemory
 from .deep_momentum import DeepMomentumGD
@@ -83,4 +84,6 @@ def build_optimizer(
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZER_NAMES)}")
+    check_lr(lr)  # torch's own optimizers accept lr=inf
+    check_nonnegative("weight_decay", weight_decay)
     return _BUILDERS[name](model, lr, weight_decay, **kwargs)

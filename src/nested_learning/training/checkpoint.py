@@ -2,7 +2,8 @@
 
 A checkpoint is a directory ``step_<N>/`` written first under a temporary name and renamed when complete; the file
 ``latest`` (itself replaced atomically) names the newest complete one. A crash mid-save therefore leaves at most a
-stray temporary directory, and the previous checkpoint stays loadable.
+stray temporary directory (removed by the next save), and the previous checkpoint stays loadable. Readers fall back
+to the newest intact checkpoint when the one ``latest`` names is missing or truncated.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 LATEST = "latest"
@@ -41,40 +43,95 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.rsplit("step_", 1)[1].split("_")[0])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _remove_strays(out_dir: Path) -> None:
+    """Delete what killed saves left behind: ``.tmp_step_*`` directories, and ``.old_step_*`` copies whose
+    replacement is in place."""
+    for stray in out_dir.glob(".tmp_step_*"):
+        shutil.rmtree(stray, ignore_errors=True)
+    for old in out_dir.glob(".old_step_*"):
+        if is_intact(out_dir / f"step_{_step_of(old):08d}"):
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any],
                     keep: int = 2) -> Path:
-    """Write ``out_dir/step_<step>/`` atomically, point ``latest`` at it, keep the newest ``keep`` checkpoints."""
+    """Write ``out_dir/step_<step>/`` atomically, point ``latest`` at it, keep the newest ``keep`` checkpoints.
+
+    A checkpoint is never deleted before its replacement is complete and named: saving a step that is already on
+    disk first moves the old copy aside (``.old_step_*``, still a fallback of :func:`find_checkpoint`), renames the
+    new one in, repoints ``latest``, and only then removes the old copy.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_strays(out_dir)
     final = out_dir / f"step_{step:08d}"
     tmp = out_dir / f".tmp_step_{step:08d}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(trainer_state, tmp / "trainer_state.pt")
+    aside = None
     if final.exists():
-        shutil.rmtree(final)
+        aside = out_dir / f".old_step_{step:08d}_{os.getpid()}"
+        if aside.exists():  # an older copy of the same step, left by a killed save; final is the current one
+            shutil.rmtree(aside)
+        os.replace(final, aside)
     os.replace(tmp, final)
     _write_atomic(out_dir / LATEST, final.name)
+    _remove_strays(out_dir)
     if keep > 0:
-        for old in sorted(out_dir.glob("step_*"))[:-keep]:
+        for old in sorted(out_dir.glob("step_*"), key=_step_of)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def is_intact(path: str | Path) -> bool:
+    """Whether ``path`` holds a complete checkpoint: both files present and readable to their end."""
+    path = Path(path)
+    try:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            f.keys()
+        torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # a truncated or missing file fails in many ways (OSError, SafetensorError, zip errors)
+        return False
+    return True
+
+
+def checkpoint_candidates(out_dir: str | Path) -> list[Path]:
+    """Checkpoints of a run, the one ``latest`` names first, then the others newest first."""
+    out_dir = Path(out_dir)
+    pointer = out_dir / LATEST
+    named = out_dir / pointer.read_text().strip() if pointer.exists() else None
+    others = sorted([*out_dir.glob("step_*"), *out_dir.glob(".old_step_*")], key=_step_of, reverse=True)
+    return ([named] if named is not None else []) + [p for p in others if p != named]
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    pointer = Path(out_dir) / LATEST
-    if not pointer.exists():
-        return None
-    path = Path(out_dir) / pointer.read_text().strip()
-    return path if (path / "model.safetensors").exists() else None
+    """The checkpoint ``latest`` names, or the newest intact one when that one is missing or damaged."""
+    for path in checkpoint_candidates(out_dir):
+        if is_intact(path):
+            return path
+    return None
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, map_location: str | torch.device = "cpu") -> dict:
     """Load weights into ``model`` (strictly) and return the trainer state saved beside them."""
     path = Path(path)
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True, device=str(map_location))
+    try:
+        state = torch.load(path / "trainer_state.pt", map_location=map_location, weights_only=False)
+    except Exception as err:  # truncated zip, unpickling errors, missing file
+        raise ValueError(f"checkpoint {path} is damaged or incomplete: {err}") from err
+    try:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True,
+                                         device=str(map_location))
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"checkpoint {path} is damaged or incomplete: {err}") from err
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
-    return torch.load(path / "trainer_state.pt", map_location=map_location, weights_only=False)
+    return state

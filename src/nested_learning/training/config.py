@@ -7,6 +7,7 @@ silently trains the wrong model.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -43,7 +44,7 @@ class TrainConfig:
     eval_batches: int = 20
     eval_batch_size: int = 16
     log_every: int = 10
-    save_every: int = 0
+    save_every: int = 100  # also saved at the end of every run; 0: only at the end
     keep_checkpoints: int = 2
     out_dir: str = "runs/default"
     tensorboard: bool = True
@@ -52,7 +53,60 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
     device: str = "auto"
-    resume: bool = False
+    resume: bool = False  # continue from out_dir's latest checkpoint; an error when there is none ...
+    allow_fresh_start: bool = False  # ... unless this is true: then a run without a checkpoint starts at step 0
+
+    def __post_init__(self):
+        validate(self)
+
+
+DATASETS = ("corpus",)
+
+
+def _require(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"config key {name!r} must be {expected}, got {value!r}")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate(c: TrainConfig) -> None:
+    """Range checks of every field, so a bad value fails before training instead of training nothing or garbage."""
+    for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches", "eval_batch_size",
+                 "log_every", "max_bad_steps"):
+        value = getattr(c, name)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, value,
+                 "an integer >= 1")
+    for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints", "threads", "seed"):
+        value = getattr(c, name)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name, value,
+                 "an integer >= 0")
+    _require(c.max_docs is None or (isinstance(c.max_docs, int) and c.max_docs >= 1), "max_docs", c.max_docs,
+             "None or an integer >= 1")
+    _require(_finite(c.lr) and c.lr > 0, "lr", c.lr, "a finite number > 0")
+    _require(_finite(c.weight_decay) and c.weight_decay >= 0, "weight_decay", c.weight_decay,
+             "a finite number >= 0")
+    _require(_finite(c.min_lr_ratio) and 0 <= c.min_lr_ratio <= 1, "min_lr_ratio", c.min_lr_ratio,
+             "a number in [0, 1]")
+    _require(_finite(c.grad_clip) and c.grad_clip >= 0, "grad_clip", c.grad_clip, "a finite number >= 0 (0: off)")
+    _require(isinstance(c.betas, (tuple, list)) and len(c.betas) == 2 and all(_finite(b) and 0 <= b < 1
+                                                                            for b in c.betas),
+             "betas", c.betas, "two numbers in [0, 1)")
+    _require(c.dataset in DATASETS, "dataset", c.dataset, f"one of {DATASETS}")
+    _require(isinstance(c.model_overrides, dict), "model_overrides", c.model_overrides, "a mapping")
+    _require(isinstance(c.optimizer_kwargs, dict), "optimizer_kwargs", c.optimizer_kwargs, "a mapping")
+    if c.device != "auto":
+        import torch
+
+        try:
+            device = torch.device(c.device)
+        except (RuntimeError, TypeError):
+            device = None
+        _require(device is not None, "device", c.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+        _require(device.type != "cuda" or torch.cuda.is_available(), "device", c.device,
+                 "a device that exists here (CUDA is not available)")
 
 
 def _type_name(tp: Any) -> str:
@@ -140,7 +194,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """A :class:`TrainConfig` from an optional YAML file, then ``key=value`` overrides."""
     config = base if base is not None else TrainConfig()
     if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from err
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a mapping of keys to values")
         config = apply_overrides(config, data)

@@ -2,7 +2,7 @@
 
 Features: optimizer by name (``nested_learning.optimizers.build_optimizer``), warmup + cosine schedule, gradient
 clipping and accumulation, evaluation every N steps, a progress bar with loss and tokens/s, CSV and TensorBoard logs,
-crash-safe checkpoints with exact resume, DDP under torchrun, and non-finite losses skipped (training stops after
+crash-safe checkpoints (every ``save_every`` steps and at the end of every run) with exact resume, DDP under torchrun, and non-finite losses skipped (training stops after
 ``max_bad_steps`` in a row, the last good checkpoint intact).
 """
 
@@ -32,6 +32,8 @@ from nested_learning.training.distributed import (
     wrap_model,
 )
 from nested_learning.training.schedule import warmup_cosine
+
+METRIC_FIELDS = ["step", "loss", "lr", "tokens_per_s", "val_loss", "skipped"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -71,6 +73,11 @@ class Trainer:
         from nested_learning.optimizers import build_optimizer
 
         self.config = config
+        if config.resume and not config.allow_fresh_start and ckpt.latest_checkpoint(config.out_dir) is None:
+            raise ValueError(  # before the model and the corpus are loaded: fail fast
+                f"resume=true but {config.out_dir!r} holds no checkpoint to resume from; set "
+                "allow_fresh_start=true to start a new run there, or point out_dir at an earlier run"
+            )
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
@@ -80,6 +87,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         if model is None:
             model = build_model(config.model, config.size, **config.model_overrides)
+        elif not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model.to(self.device)
         self.ddp_model = wrap_model(self.model, self.dist, self.device)
         if train_tokens is None or val_tokens is None:
@@ -105,8 +114,11 @@ class Trainer:
         self.step = 0
         self.bad_in_a_row = 0
         self.history: list[dict[str, float]] = []
+        self._saved_step = -1
         if config.resume:
             self._resume()
+        if self.dist.is_main:
+            self._trim_metrics()
 
     # ----------------------------------------------------------------- checkpoints
     def _trainer_state(self) -> dict[str, Any]:
@@ -126,13 +138,19 @@ class Trainer:
         if self.dist.is_main:
             path = ckpt.save_checkpoint(self.out_dir, self.step, unwrap(self.model), self._trainer_state(),
                                         keep=self.config.keep_checkpoints)
+        self._saved_step = self.step
         barrier(self.dist)
         return path
 
     def _resume(self) -> None:
         path = ckpt.latest_checkpoint(self.out_dir)
         if path is None:
-            return
+            if self.config.allow_fresh_start:
+                return
+            raise ValueError(
+                f"resume=true but {str(self.out_dir)!r} holds no checkpoint to resume from; set "
+                "allow_fresh_start=true to start a new run there, or point out_dir at an earlier run"
+            )
         state = ckpt.load_checkpoint(path, unwrap(self.model), map_location=self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -140,6 +158,25 @@ class Trainer:
         self.batcher.load_state_dict(state["data"])
         self.step, self.bad_in_a_row = state["step"], state["bad_in_a_row"]
         self.history = state["history"]
+        self._saved_step = self.step
+
+    def _trim_metrics(self) -> None:
+        """Keep only the rows of ``metrics.csv`` up to the step this run starts from: the steps after the resumed
+        checkpoint (logged before a crash) are trained again and would be logged twice."""
+        path = self.out_dir / "metrics.csv"
+        if not path.exists():
+            return
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= self.step]
+        if len(kept) == len(rows):
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            w.writeheader()
+            w.writerows({k: r.get(k, "") for k in METRIC_FIELDS} for r in kept)
+        tmp.replace(path)
 
     # ----------------------------------------------------------------- logging
     def _open_logs(self):
@@ -158,7 +195,7 @@ class Trainer:
         self.history.append(row)
         if csv_path is None:
             return
-        fields = ["step", "loss", "lr", "tokens_per_s", "val_loss", "skipped"]
+        fields = METRIC_FIELDS
         new = not csv_path.exists()
         with csv_path.open("a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields)
@@ -224,9 +261,12 @@ class Trainer:
                     tqdm.write(f"step {self.step}: non-finite loss or gradient ({loss}); step skipped")
                     if self.bad_in_a_row >= c.max_bad_steps:
                         self._log(row, writer, csv_path)
+                        kept = (f"the checkpoint of step {self._saved_step} in {self.out_dir} is intact"
+                                if self._saved_step >= 0 else "no checkpoint had been written yet")
                         raise TrainingDiverged(
-                            f"{self.bad_in_a_row} non-finite steps in a row at step {self.step}; training stopped. "
-                            f"The last good checkpoint in {self.out_dir} is intact."
+                            f"{self.bad_in_a_row} non-finite steps in a row at step {self.step}; training stopped "
+                            f"({kept}). With lr={c.lr:g} and grad_clip={c.grad_clip:g} the weights or the loss "
+                            "became non-finite: a smaller lr usually helps."
                         )
                 if c.eval_every and (self.step % c.eval_every == 0 or self.step == c.max_steps):
                     val_loss = self.evaluate()
@@ -241,7 +281,7 @@ class Trainer:
             if writer is not None:
                 writer.close()
         elapsed = time.perf_counter() - t_start
-        if c.save_every:
+        if self.step != self._saved_step:  # every run ends with a checkpoint (a step is never written twice)
             self.save()
         if math.isnan(val_loss):
             val_loss = self.evaluate()
