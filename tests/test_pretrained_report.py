@@ -67,3 +67,23 @@ def test_real_smollm2_hopeified_demo_learns_at_test_time(tmp_path):
     assert r["perplexity"]["cms_on"] < r["perplexity"]["original"]
     model, _ = _load_run(r["checkpoint"])
     assert model.tokenizer is not None and model.window == 256
+
+
+def test_dynamic_evaluation_is_sgd_on_the_mlp_after_each_scored_piece():
+    from nested_learning.evaluation.pretrained_stream import dynamic_eval_nll, stream_nll
+
+    torch.manual_seed(0)
+    cfg_hf = transformers.LlamaConfig(vocab_size=61, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    hf = transformers.LlamaForCausalLM(cfg_hf).eval()
+    original = original_with_window(hf, None, 16)
+    doc = (torch.randint(0, 61, (8,), generator=torch.Generator().manual_seed(3)).tolist() * 13)[:97]
+    base, n = stream_nll(original, doc, 16, learn=False)
+    frozen, _ = dynamic_eval_nll(original, doc, 16, lr=0.0)
+    assert frozen == pytest.approx(base, rel=1e-5) and n == 96
+    first_piece, _ = stream_nll(original, doc[:17], 16, learn=False)
+    learned, _ = dynamic_eval_nll(original, doc, 16, lr=5.0)
+    first_learned, _ = dynamic_eval_nll(original, doc[:17], 16, lr=5.0)
+    assert first_learned == pytest.approx(first_piece, rel=1e-5)  # a piece is scored before anything learns from it
+    assert learned < base  # a repeated pattern: the SGD steps on the MLPs lower its loss
+    assert torch.equal(original.blocks[0].cms.down[0].weight, hf.model.layers[0].mlp.down_proj.weight)  # a copy

@@ -83,7 +83,8 @@ def plots(results: dict, out: Path) -> list[str]:
         width = 0.8 / len(cfg["conditions"])
         for i, c in enumerate(cfg["conditions"]):
             ys = [ppl.get(f"{c}@{w}", np.nan) for w in cfg["windows"]]
-            ax.bar(np.arange(len(cfg["windows"])) + i * width, ys, width, label=c)
+            bars = ax.bar(np.arange(len(cfg["windows"])) + i * width, ys, width, label=c)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.set_xticks(np.arange(len(cfg["windows"])) + 0.4 - width / 2, [f"window {w}" for w in cfg["windows"]])
         ax.set_ylabel("perplexity (lower is better)")
         ax.legend(fontsize=7)
@@ -101,7 +102,8 @@ def plots(results: dict, out: Path) -> list[str]:
         for i, m in enumerate(methods):
             means = [np.mean([r["methods"][m]["average_accuracy"] for r in runs]) for runs in by_bench.values()]
             sds = [np.std([r["methods"][m]["average_accuracy"] for r in runs]) for runs in by_bench.values()]
-            ax.bar(np.arange(len(by_bench)) + i * width, means, width, yerr=sds, label=CL_NAMES[m])
+            bars = ax.bar(np.arange(len(by_bench)) + i * width, means, width, yerr=sds, label=CL_NAMES[m])
+            ax.bar_label(bars, fmt="%.2f", fontsize=6)
         for j, runs in enumerate(by_bench.values()):
             chance = 1 / sum(len(t) for t in runs[0]["tasks"])
             ax.hlines(chance, j - width / 2, j + 0.8, colors="k", linestyles="dotted")
