@@ -59,10 +59,20 @@ class PretrainedReportConfig:
 PRESETS = {"pretrained": PretrainedReportConfig}
 
 
-def build_models(cfg: PretrainedReportConfig):
-    """(Hope-ified model with updates off, the original with the same window, tokenizer)."""
+def build_models(cfg: PretrainedReportConfig, checkpoint: str | None = None):
+    """(Hope-ified model with updates off, the original with the same window, tokenizer). ``checkpoint``: a trainer
+    run of a Hope-ified model (continual pre-training) to evaluate instead of a fresh Hope-ification."""
     from nested_learning.models import hopeify, load_pretrained
 
+    if checkpoint is not None:
+        from nested_learning.cli import _load_run
+        from nested_learning.evaluation.pretrained_stream import with_window
+
+        hope, config = _load_run(checkpoint)
+        cfg.model, cfg.hope = config.size, {k: v for k, v in config.model_overrides.items() if k != "window"}
+        hf, tok = load_pretrained(cfg.model)
+        with_window(hope, cfg.window).set_test_time_updates(False)
+        return hope, original_with_window(hf, tok, cfg.window), tok
     hf, tok = load_pretrained(cfg.model)
     hope = hopeify(hf, tokenizer=tok, window=cfg.window, **cfg.hope)
     hope.set_test_time_updates(False)
@@ -97,10 +107,11 @@ def niah(hope, original, cfg: PretrainedReportConfig, seed: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ runner
-def run(cfg: PretrainedReportConfig, out_dir: str | Path, resume: bool = True, models=None) -> dict:
+def run(cfg: PretrainedReportConfig, out_dir: str | Path, resume: bool = True, models=None,
+        checkpoint: str | None = None) -> dict:
     out = Path(out_dir)
     runs = out / "runs"
-    hope, original, tok = models or build_models(cfg)
+    hope, original, tok = models or build_models(cfg, checkpoint)
 
     def cached(name: str, fn):
         path = runs / f"{name}.json"
@@ -149,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default=None, help="comma-separated seeds")
     p.add_argument("--window", type=int, default=None, help="attention window in tokens")
     p.add_argument("--text", default=None, help="a text file to read for streaming perplexity instead of the corpus")
+    p.add_argument("--checkpoint", default=None, help="a trainer run of a Hope-ified model (continual pre-training)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no_resume", action="store_true")
     args = p.parse_args(argv)
@@ -166,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.window:
         cfg.window = args.window
     cfg.text_file = args.text
-    run(cfg, args.out_dir, resume=not args.no_resume)
+    run(cfg, args.out_dir, resume=not args.no_resume, checkpoint=args.checkpoint)
     print(f"wrote {Path(args.out_dir) / 'REPORT_pretrained.md'}")
     return 0
 
