@@ -26,10 +26,6 @@ def test_readme_python_snippets_run_as_printed(tmp_path, monkeypatch):
     assert namespace["ids"].shape == (2, 1 + 20)
 
 
-# Written by the small-report run; committed with its results, not with the code.
-NOT_YET_COMMITTED = {"docs/results/report_small.md"}
-
-
 def _relative_links() -> list[str]:
     links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README.read_text())
     return sorted({link for link in links if not re.match(r"[a-z]+://|mailto:", link)})
@@ -37,6 +33,4 @@ def _relative_links() -> list[str]:
 
 @pytest.mark.parametrize("link", _relative_links())
 def test_readme_relative_links_exist(link):
-    if link in NOT_YET_COMMITTED and not (README.parent / link).exists():
-        pytest.xfail(f"{link} is produced by the small report and committed with its results")
     assert (README.parent / link).exists(), f"README links to {link}, which does not exist"

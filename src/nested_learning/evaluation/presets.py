@@ -55,7 +55,7 @@ def quick() -> ReportPreset:
 
 
 def small() -> ReportPreset:
-    # Measured run times (docs/results/report_small.md, a shared 2-core machine, 1 thread per process): LM 164-866 s
+    # Measured run times (the small report quoted in docs/results/experiments.md, a shared 2-core machine, 1 thread per process): LM 164-866 s
     # per model, continual 100-370 s for the three benchmarks, NIAH 47-458 s (a 16K prompt is 16K x 50,257
     # logits), synthetic 215-1,599 s for three seeds; Transformer++ is the cheapest and the HOPE models the
     # dearest. 8,343 s for all five models.
