@@ -5,6 +5,7 @@ and the Hope-ified model saved so that ``nested-learning generate --checkpoint D
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def run_pretrained_demo(cfg: PretrainedDemoConfig, out_dir: str | Path) -> dict:
     ppl = {}
     for name, model, learn in (("original", original, False), ("cms_on", hope, True)):
         nll = [stream_nll(model, d, cfg.piece, learn) for d in docs]
-        ppl[name] = float(torch.tensor(sum(a for a, _ in nll) / sum(n for _, n in nll)).exp())
+        ppl[name] = math.exp(sum(a for a, _ in nll) / sum(n for _, n in nll))
     print(f"{cfg.model}: perplexity over {len(docs)} held-out documents of {cfg.tokens} tokens: Hope-ified with "
           f"CMS learning {ppl['cms_on']:.2f}, original {ppl['original']:.2f} ({ppl['original'] / ppl['cms_on']:.3f}x)")
     hope.set_test_time_updates(True)
