@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..ops import delta_rule
 
 BOXES = ("k", "v", "memory", "eta", "alpha")
+RETENTIONS = ("initial", "zero")
 
 
 class _Memories(nn.Module):
@@ -124,12 +125,23 @@ class MLPSelfModifyingMemories(_Memories):
     eigenvalues in (alpha - 1, alpha]. The W2 layers of all five memories share the key k_t and are stacked into one
     delta rule; the W1 layers have a key per memory (its own h) and run as extra heads.
 
+    Retention (``retention="initial"``, the default; our choice): the step above decays W toward 0 (the alpha I term,
+    a pull toward W = 0), and for these memories W = 0 is absorbing: at W1 = W2 = 0 every memory is the identity
+    (k_t = v_t = normalize(x_t)), the errors vanish and nothing is written again. An untrained HOPE tiny's memories
+    reached exactly 0 within 1,024 tokens. We decay toward the meta-learned initial weights W_0 (Eq 72-73) instead:
+        W <- W (alpha I - eta_a a a^T) - eta_a delta a^T + (1 - alpha) W_0,
+    i.e. the same DGD on W - W_0 with the value -(delta + W_0 a); ``retention="zero"`` is Eq 88 as written.
+
     State ``[W2, W1, G1]``: ``W2: (B, H, 5*hidden, dh)`` (rows box-major), ``W1: (B, 3*H, dh, hidden)`` (k, v, memory;
     box-major heads), ``G1: (B, 2*H, 1, hidden)`` (eta, alpha).
     """
 
-    def __init__(self, n_heads, head_dim, objective, eta_bias, alpha_bias, op_mode, value_norm, hidden=None):
+    def __init__(self, n_heads, head_dim, objective, eta_bias, alpha_bias, op_mode, value_norm, hidden=None,
+                 retention="initial"):
         super().__init__(n_heads, head_dim, objective, eta_bias, alpha_bias, op_mode, value_norm)
+        if retention not in RETENTIONS:
+            raise ValueError(f"retention must be one of {RETENTIONS}, got {retention!r}")
+        self.retention = retention
         dh = head_dim
         self.hidden = hid = 2 * dh if hidden is None else hidden
         self.w2 = nn.Parameter(torch.randn(n_heads, 5 * hid, dh) / dh**0.5)
@@ -178,7 +190,14 @@ class MLPSelfModifyingMemories(_Memories):
             dim=2,
         )
         delta2 = torch.ops.aten.gelu_backward(back, zk).transpose(2, 3).flatten(3)  # (B, n, H, 5*hid)
+        toward = self.retention == "initial"
+        if toward:  # DGD on W - W_0 (the retention's fixed point), W_0 added back on reads and to the new state
+            W2_0, W1_0, G1_0 = self.initial_state(x.shape[0], W2.device, W2.dtype)
+            W2, W1, G1 = W2 - W2_0, W1 - W1_0, G1 - G1_0
+            delta2 = delta2 + torch.einsum("bhrd,bthd->bthr", W2_0, k)
         o2, W2 = self._delta(q, k, -delta2, eta, alpha, W2, n)
+        if toward:
+            o2, W2 = o2 + torch.einsum("bhrd,bthd->bthr", W2_0, q), W2 + W2_0
         hq = F.gelu(o2[..., 2 * self.hidden : 3 * self.hidden])  # sigma(W2_memory,t-1 q_t)
 
         def sm_step(h):  # Sherman-Morrison step for the unnormalised inputs h: (B, n, s*H, hid)
@@ -186,17 +205,17 @@ class MLPSelfModifyingMemories(_Memories):
             return e / (1 + e * h.pow(2).sum(-1))
 
         h_main, h_gate = hk[:, :, :3].flatten(2, 3), hk[:, :, 3:].flatten(2, 3)
+        err_main, err_gate = e_main.flatten(2, 3), e_gate.flatten(2, 3)
+        if toward:
+            err_main = err_main + torch.einsum("bsdk,btsk->btsd", W1_0, h_main)
+            err_gate = err_gate + torch.einsum("bsdk,btsk->btsd", G1_0, h_gate)
         queries = torch.cat([torch.zeros_like(hq), torch.zeros_like(hq), hq], dim=2)  # only M_memory is read
-        o1, W1 = self._delta(
-            queries, h_main, -e_main.flatten(2, 3), sm_step(h_main), alpha.repeat(1, 1, 3), W1, n
-        )
+        o1, W1 = self._delta(queries, h_main, -err_main, sm_step(h_main), alpha.repeat(1, 1, 3), W1, n)
         _, G1 = self._delta(
-            torch.zeros_like(h_gate),
-            h_gate,
-            -e_gate.flatten(2, 3),
-            sm_step(h_gate),
-            alpha.repeat(1, 1, 2),
-            G1,
-            n,
+            torch.zeros_like(h_gate), h_gate, -err_gate, sm_step(h_gate), alpha.repeat(1, 1, 2), G1, n
         )
-        return q + o1[:, :, 2 * H :], [W2, W1, G1]
+        read = o1[:, :, 2 * H :]
+        if toward:
+            read = read + torch.einsum("bsdk,btsk->btsd", W1_0[:, 2 * H :], hq)
+            W1, G1 = W1 + W1_0, G1 + G1_0
+        return q + read, [W2, W1, G1]

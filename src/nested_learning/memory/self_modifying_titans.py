@@ -70,13 +70,18 @@ class SelfModifyingTitans(nn.Module):
         dim: model width; n_heads: heads (dh = dim // n_heads; all memories are per head, dh -> dh or dh -> 1).
         chunk_size: Eq 90 chunk (memories are evaluated at the chunk-start state); 1 gives Eq 83-88.
         objective: ``"l2"`` (Eq 93, delta rule) or ``"dot"`` (Eq 92, Hebbian).
-        memory: ``"linear"`` (matrix memories, stacked) or ``"mlp"`` (Eq 89, per-layer DGD; hidden width ``hidden``,
-            default 2 * dh).
+        memory: ``"mlp"`` (Eq 89, per-layer DGD; hidden width ``hidden``, default 2 * dh) or ``"linear"`` (matrix
+            memories, stacked). With matrix memories and the literal values (``value_norm=False``) every memory is
+            M_box,t = M_box,0 Q_t with one shared Q_t: the five memories are one, read through fixed maps (see
+            docs/equations.md, "Why MLP memories"); the MLP memories have no such identity.
         conv_size: causal depthwise conv window (0 disables it).
         gate: output gate ``y = W_o (norm(o) * silu(x W_g))``; False gives ``W_o norm(o)``.
         eta_bias, alpha_bias: initial static biases of the eta / alpha logits.
         op_mode: ``"chunk"`` (ops.delta_rule chunk-parallel) or ``"recurrent"`` (its token loop).
         hidden: hidden width of the MLP memories.
+        retention: MLP memories only: ``"initial"`` (the alpha decay pulls toward the meta-learned initial weights,
+            default; see ``MLPSelfModifyingMemories``) or ``"zero"`` (Eq 88 as written, a pull toward 0, where an
+            untrained layer's MLP memories die within about a thousand tokens).
         value_norm: L2-normalise v_t (as q_t and k_t are). The self-generated targets v_hat = M(v_t) scale with v_t
             and feed back into the memories that produce v_t; without the normalisation the dot objective and the
             MLP memories diverge from a random start. False gives Eq 83 literally.
@@ -90,7 +95,7 @@ class SelfModifyingTitans(nn.Module):
         n_heads: int = 4,
         chunk_size: int = 16,
         objective: str = "l2",
-        memory: str = "linear",
+        memory: str = "mlp",
         conv_size: int = 4,
         gate: bool = True,
         eta_bias: float = 0.0,
@@ -98,6 +103,7 @@ class SelfModifyingTitans(nn.Module):
         op_mode: str = "chunk",
         hidden: int | None = None,
         value_norm: bool = True,
+        retention: str = "initial",
     ):
         super().__init__()
         if not (isinstance(dim, int) and isinstance(n_heads, int) and n_heads > 0) or dim % n_heads:
@@ -113,7 +119,7 @@ class SelfModifyingTitans(nn.Module):
         self.objective = objective
         self.conv = ShortConv(dim, conv_size) if conv_size > 0 else None
         self.to_q = nn.Linear(dim, dim, bias=False)
-        extra = {} if memory == "linear" else {"hidden": hidden}
+        extra = {} if memory == "linear" else {"hidden": hidden, "retention": retention}
         self.memories = MEMORIES[memory](
             n_heads, self.head_dim, objective, eta_bias, alpha_bias, op_mode, value_norm, **extra
         )

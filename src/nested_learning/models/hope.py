@@ -55,6 +55,8 @@ class HOPE(CMSLanguageModel):
                 config.titans_chunk_size,
                 objective=config.titans_objective,
                 memory=config.titans_memory,
+                value_norm=config.titans_value_norm,
+                retention=config.titans_retention,
                 conv_size=config.conv_size,
             ),
             make_cms=lambda i: make_cms(config),

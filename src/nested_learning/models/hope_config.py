@@ -36,7 +36,7 @@ class HOPEConfig:
     cms_variant: str = "sequential"  # "sequential" (Eq 70) | "independent" (Eq 74) | "nested" (Eq 72-73)
     cms_objective: str = "lm"  # "lm" (next-token surprise, Eq 8-9) | "next_input" (local regression)
     cms_mode: str = "first_order"  # "first_order" | "meta" (backpropagate through the inner updates)
-    cms_inner_lr: float = 0.1  # initial eta_l of every level (tuned: see docs/equations_parts/cms_hope.md)
+    cms_inner_lr: float = 0.1  # initial eta_l of every level (tuned: docs/equations.md, "Initial rate (tuned)")
     cms_max_inner_lr: float = 1.0
     cms_grad_clip: float | None = 1.0  # max norm of a level's mean chunk gradient (a trust region)
     cms_transfer: str | tuple = "init"  # per level: "init" | "backprop" | "direct" | "generate" (Eq 24-30)
@@ -44,7 +44,11 @@ class HOPEConfig:
     # self-modifying Titans (HOPE)
     titans_chunk_size: int = 16
     titans_objective: str = "l2"
-    titans_memory: str = "linear"  # "linear" (matrix memories) | "mlp" (Eq 89 residual MLP memories)
+    # "mlp" (Eq 89 residual MLP memories, the sources' choice) | "linear" (matrix memories). With matrix memories the
+    # five self-modifying memories collapse to one read through fixed maps (docs/equations.md, "Why MLP memories").
+    titans_memory: str = "mlp"
+    titans_value_norm: bool = True  # L2-normalised values and bounded self-generated targets; False: Eq 83 literally
+    titans_retention: str = "initial"  # MLP memories decay toward their initial weights; "zero": Eq 88 as written
     conv_size: int = 4
     # softmax attention (HOPE-attention)
     rope_theta: float = 10000.0
