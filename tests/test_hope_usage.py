@@ -76,28 +76,55 @@ def test_presets_build_and_large_ones_have_the_papers_sizes():
 
 @pytest.mark.parametrize("name", ["hope", "hope_attention"])
 def test_trainer_trains_it_by_name(name, tmp_path):
+    """By name through the trainer: the held-out loss falls, and every CMS level (each steps inside a 32-token window)
+    has its rate and its up/down weights moved by training."""
+    import warnings
+
     from nested_learning.training import TrainConfig, Trainer
 
     rng = np.random.default_rng(0)
-    tokens = np.where(rng.random(4000) < 0.1, rng.integers(0, V, 4000), np.arange(4000) % V).astype(np.uint16)
+    tokens = np.where(rng.random(8000) < 0.1, rng.integers(0, V, 8000), np.arange(8000) % V).astype(np.uint16)
     config = TrainConfig(
         model=name,
         size="tiny",
         model_overrides=dict(vocab_size=V, dim=16, n_heads=2, chunk_sizes=CHUNKS),
-        seq_len=16,
-        batch_size=2,
-        max_steps=2,
+        seq_len=32,
+        batch_size=4,
+        max_steps=12,
         warmup_steps=1,
+        lr=1e-2,
         eval_every=0,
+        eval_batches=4,
+        eval_batch_size=4,
         out_dir=str(tmp_path),
         tensorboard=False,
         progress=False,
     )
-    trainer = Trainer(config, train_tokens=tokens, val_tokens=tokens[:400])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no level is left without a training signal
+        trainer = Trainer(config, train_tokens=tokens, val_tokens=tokens[:1000])
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    loss_before = trainer.evaluate()
     trainer.train()
-    assert trainer.step == 2
-    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items() if "cms.up" in k)
+    assert trainer.step == 12
+    assert trainer.evaluate() < loss_before - 0.3
+    after = trainer.model.state_dict()
+    for key in after:
+        if key.endswith("cms.lr_logit"):
+            assert (after[key] != before[key]).all(), key  # every level's rate trained
+        if ".cms.up." in key or ".cms.down." in key:
+            assert not torch.equal(after[key], before[key]), key
+
+
+def test_trainer_names_levels_that_never_step(tmp_path):
+    from nested_learning.training import TrainConfig, Trainer
+
+    tokens = (np.arange(4000) % V).astype(np.uint16)
+    config = TrainConfig(model="hope", size="tiny", model_overrides=dict(vocab_size=V, dim=16, n_heads=2,
+                         chunk_sizes=CHUNKS), seq_len=8, batch_size=2, max_steps=1, eval_every=0,
+                         out_dir=str(tmp_path), tensorboard=False, progress=False)
+    with pytest.warns(UserWarning, match=r"layer 0 CMS level 2 \(chunk 8\), layer 0 CMS level 3 \(chunk 16\)"):
+        Trainer(config, train_tokens=tokens, val_tokens=tokens[:400])
 
 
 def _text_tokens(n_vocab: int) -> torch.Tensor:

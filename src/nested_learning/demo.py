@@ -22,15 +22,15 @@ from nested_learning.training.config import TrainConfig, apply_overrides
 
 DEMO_BASE = TrainConfig(
     size="tiny",
-    seq_len=128,
-    batch_size=8,
+    seq_len=512,  # above the largest CMS chunk (256), so every level steps and trains inside a window
+    batch_size=2,
     lr=1e-2,
     weight_decay=0.1,
     warmup_steps=10,
     max_steps=60,
     eval_every=20,
     eval_batches=10,
-    eval_batch_size=16,
+    eval_batch_size=4,
     out_dir="runs/demo",
     tensorboard=False,
     threads=0,

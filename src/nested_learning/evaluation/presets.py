@@ -42,7 +42,9 @@ def quick() -> ReportPreset:
     return ReportPreset(
         name="quick",
         seeds={s: (0,) for s in SUITES},
-        pretrain=PretrainConfig(overrides=dict(QUICK_OVERRIDES), steps=3, seq_len=32, batch_size=2, max_docs=200,
+        # chunk sizes below seq_len: every CMS level steps, and so trains, inside a training window
+        pretrain=PretrainConfig(overrides=dict(QUICK_OVERRIDES, chunk_sizes=(4, 8, 16)), steps=3, seq_len=32,
+                                batch_size=2, max_docs=200,
                                 eval_batches=1, progress=False),
         stream=StreamConfig(n_docs=1, min_tokens=64, max_tokens=96, chunk=32),
         continual=CLConfig(n_tasks=2, classes_per_task=2, train_per_class=2, test_per_class=2, epochs=1,
@@ -62,7 +64,9 @@ def small() -> ReportPreset:
     return ReportPreset(
         name="small",
         seeds={"lm": (0,), "continual": (0,), "niah": (0,), "synthetic": (0, 1, 2)},
-        pretrain=PretrainConfig(size="tiny", steps=200, seq_len=128, batch_size=8, lr=3e-3, max_docs=5000,
+        # 512-token windows (2 x 512 tokens a step, as many as 8 x 128): the slowest CMS level (C = 256) steps at 256
+        # inside every window, so its rate and weights train; at 128 it never stepped in training
+        pretrain=PretrainConfig(size="tiny", steps=200, seq_len=512, batch_size=2, lr=3e-3, max_docs=5000,
                                 eval_batches=5),
         stream=StreamConfig(n_docs=3, min_tokens=1024, max_tokens=1024, chunk=256),
         continual=CLConfig(n_tasks=4, classes_per_task=3, train_per_class=6, test_per_class=3, epochs=2,

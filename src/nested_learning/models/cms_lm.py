@@ -153,6 +153,20 @@ class CMSLanguageModel(LanguageModel):
         """The CMS of every block that has one."""
         return [b.cms for b in self.blocks if b.cms is not None]
 
+    def levels_without_training_signal(self, seq_len: int) -> list[str]:
+        """The CMS levels that never step inside a training window of ``seq_len`` tokens started from a fresh
+        state: a level steps after positions C_l, 2 C_l, ..., and only tokens after a step see its new weights, so a
+        level with C_l >= seq_len gets no outer gradient for its rate (nor, under "init" transfer, for the part of its
+        slow weights that only its steps move), yet it steps at test time. Empty when every level trains."""
+        names = []
+        for i, block in enumerate(self.blocks):
+            if block.cms is None:
+                continue
+            for lv, size in enumerate(block.cms.chunk_sizes):
+                if size >= seq_len:
+                    names.append(f"layer {i} CMS level {lv + 1} (chunk {size})")
+        return names
+
     def set_test_time_updates(self, enabled: bool) -> None:
         for cms in self.cms_layers():
             cms.test_time_updates = bool(enabled)

@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,7 @@ class Trainer:
             if self.dist.is_main:
                 barrier(self.dist)
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
+        self._warn_untrained_levels()
         self.batcher = TokenBatcher(self.train_tokens, config.batch_size, config.seq_len, seed=config.seed,
                                     rank=self.dist.rank, world_size=self.dist.world_size)
         opt_kwargs: dict[str, Any] = {}
@@ -119,6 +121,19 @@ class Trainer:
             self._resume()
         if self.dist.is_main:
             self._trim_metrics()
+
+    def _warn_untrained_levels(self) -> None:
+        # a memory level that never updates within a training window learns nothing in training but still acts at
+        # test time with its initial rate: say which, by name, so that the run is not mistaken for a trained model
+        check = getattr(self.model, "levels_without_training_signal", None)
+        silent = check(self.config.seq_len) if callable(check) else []
+        if silent and self.dist.is_main:
+            warnings.warn(
+                f"seq_len={self.config.seq_len}: {len(silent)} memory level(s) never step in a training window and "
+                f"get no training signal: {', '.join(silent)}; raise seq_len above the largest chunk size or use "
+                "smaller chunk_sizes",
+                stacklevel=3,
+            )
 
     # ----------------------------------------------------------------- checkpoints
     def _trainer_state(self) -> dict[str, Any]:
