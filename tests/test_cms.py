@@ -52,6 +52,23 @@ def test_zero_rates_give_the_plain_mlp_chain_and_never_change():
 
 
 @torch.no_grad()
+def test_independent_variant_is_the_gated_sum_of_eq74():
+    """Eq 74: y = u + sum_l softmax(W_g u)_l MLP_l(u) -- every level reads the same input u (no chain)."""
+    cms = make("independent", inner_lr=0.0)
+    with torch.no_grad():
+        cms.gate.weight.normal_(0, 1.0)  # a non-uniform aggregation
+    x = torch.randn(2, 11, DIM, dtype=torch.float64)
+    y, _ = cms(x)
+    gate = torch.softmax(cms.gate(x), dim=-1)
+    ref = x + sum(gate[..., lv : lv + 1] * cms.down[lv](F.gelu(cms.up[lv](x))) for lv in range(len(CHUNKS)))
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    chain = x
+    for up, down in zip(cms.up, cms.down):
+        chain = chain + down(F.gelu(up(chain)))
+    assert (y - chain).abs().max() > 1e-3  # not the Eq 70 chain
+
+
+@torch.no_grad()
 def test_variants_run_and_differ_and_nested_restarts_from_the_slower_level():
     x = torch.randn(1, 20, DIM, dtype=torch.float64)
     outs = {v: make(v)(x) for v in ("sequential", "independent", "nested")}
@@ -60,9 +77,37 @@ def test_variants_run_and_differ_and_nested_restarts_from_the_slower_level():
     # nested reads the chain of Eq 70 like sequential, until level 2 first closes a chunk (position 4)
     torch.testing.assert_close(yn[:, :4], ys[:, :4], rtol=0, atol=0)
     assert not torch.allclose(yn[:, 4:], ys[:, 4:])
-    # at position 16 (a boundary of every level) the whole hierarchy restarts from the slowest level
-    _, s16 = make("nested")(x[:, :16])
+    # copy: at position 16 (a boundary of every level) the whole hierarchy restarts from the slowest level
+    _, s16 = make("nested", nested_init="copy")(x[:, :16])
     assert torch.equal(s16.weights[0], s16.weights[2]) and torch.equal(s16.weights[1], s16.weights[2])
+
+
+def test_nested_restart_is_learned_from_the_slower_level():
+    """Eq 72 (default "learned"): at a boundary of level s+1, level s restarts from its own slow weights plus
+    lambda_s times level s+1's in-context change, lambda_s = sigmoid(a_s) trained by the outer loss. Unlike the copy,
+    the levels stay distinct after a boundary of every level, and lambda_s = 0 gives a plain reset to theta_s^0."""
+    x = torch.randn(1, 16, DIM, dtype=torch.float64)
+    cms = make("nested")
+    with torch.no_grad():
+        cms.nested_logit.copy_(torch.tensor([0.3, -0.7]))
+        _, s16 = cms(x)
+        lam = torch.sigmoid(cms.nested_logit)
+        for s in (1, 0):  # slowest first: level 1 restarts from level 2, then level 0 from the new level 1
+            expected = cms.slow_weights(s) + lam[s] * (s16.weights[s + 1][0] - cms.slow_weights(s + 1))
+            torch.testing.assert_close(s16.weights[s][0], expected, rtol=0, atol=1e-12)
+        assert (s16.weights[0] - s16.weights[2]).abs().max() > 1e-3
+        assert (s16.weights[2][0] - cms.slow_weights(2)).abs().max() > 1e-6  # the slowest level did learn
+        cms.nested_logit.fill_(-float("inf"))
+        _, reset = cms(x)
+        assert torch.equal(reset.weights[0][0], cms.slow_weights(0))
+    # the outer loss trains lambda: tokens after a boundary of level 2 (position 4) read the restarted level 1
+    cms = make("nested")
+    y, _ = cms(torch.randn(1, 12, DIM, dtype=torch.float64))
+    (grad,) = torch.autograd.grad(y.pow(2).sum(), [cms.nested_logit])
+    assert grad[0] != 0
+    assert make("sequential").nested_logit is None
+    with pytest.raises(ValueError, match="nested_init"):
+        make("nested", nested_init="average")
 
 
 @pytest.mark.parametrize("variant", ["sequential", "independent", "nested"])

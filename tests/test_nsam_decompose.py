@@ -163,6 +163,10 @@ HOPE_SIZES = dict(vocab_size=40, dim=16, n_layers=2, n_heads=2, chunk_sizes=(2, 
 )
 def test_hope_is_its_mixer_level_and_cms_levels_at_their_frequencies(cls, extra):
     model = cls(**HOPE_SIZES, **extra).double()
+    with torch.no_grad():  # a learned restart fraction of its own in every layer (nested variant)
+        for cms in model.cms_layers():
+            if cms.nested_logit is not None:
+                cms.nested_logit.normal_()
     ids = torch.randint(0, 40, (2, 21))  # 21: the last segment is partial
     with torch.no_grad():
         ref = model(ids).logits

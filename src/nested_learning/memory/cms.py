@@ -38,10 +38,14 @@ Variants (``variant=``):
     "sequential"   Eq 70       y = MLP_k(... MLP_1(u))
     "independent"  Eq 74       y = sum_l g_l(u) MLP_l(u),  g(u) = softmax(W_g u + b_g): an input-dependent gate whose
                                W_g starts at zero, so training starts from the uniform average of the levels
-    "nested"       Eq 72-73    the chain of Eq 70, and the slower level supplies the initial state of the faster one
-                               (MAML-style): each time level s+1 closes a chunk (after its own step), level s restarts
-                               its inner optimisation from level s+1's current weights (slowest first, so a boundary
-                               of the slowest level restarts the whole hierarchy from it). At the stream start every
+    "nested"       Eq 72-73    the chain of Eq 70, and the initial state of the faster level is meta-learned from the
+                               slower one: each time level s+1 closes a chunk (after its own step), level s restarts its
+                               inner optimisation from
+                                   theta_s <- theta_s^0 + lambda_s (theta_{s+1} - theta_{s+1}^0)
+                               its own slow (meta-learned) weights plus a learned fraction lambda_s = sigmoid(a_s) of
+                               what level s+1 has learned in context (``nested_init="learned"``, default; lambda_s
+                               starts at 1/2 and trains with the outer loss). ``nested_init="copy"`` restarts from
+                               level s+1's weights themselves. Restarts run slowest first. At the stream start every
                                level starts from its own slow weights.
 
 Knowledge transfer between levels (``transfer=``, one name or one per level: "init", "backprop", "direct",
@@ -69,6 +73,7 @@ from .state import LayerState
 __all__ = ["LEVEL_FORMS", "TRANSFERS", "CMSState", "ContinuumMemorySystem", "LevelCache", "gelu_grad", "segment_bounds"]
 
 VARIANTS = ("sequential", "independent", "nested")
+NESTED_INITS = ("learned", "copy")
 MODES = ("first_order", "meta")
 
 
@@ -114,6 +119,8 @@ class ContinuumMemorySystem(nn.Module):
         hidden: the levels' hidden width when it is not a multiple of dim (a pretrained MLP's); overrides expansion.
         transfer: knowledge transfer into each level from the next slower one, a name or one per level
             (``memory/cms_transfer.py``); "init" (default) everywhere is the CMS without a transfer of its own.
+        nested_init: how the nested variant restarts a faster level: "learned" (its slow weights plus a learned
+            fraction of the slower level's in-context change) or "copy" (the slower level's weights).
     """
 
     def __init__(
@@ -129,6 +136,7 @@ class ContinuumMemorySystem(nn.Module):
         level_form: str = "gelu",
         hidden: int | None = None,
         transfer="init",
+        nested_init: str = "learned",
     ):
         super().__init__()
         check_int("dim", dim)
@@ -166,6 +174,14 @@ class ContinuumMemorySystem(nn.Module):
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
+        if nested_init not in NESTED_INITS:
+            raise ValueError(f"nested_init must be one of {NESTED_INITS}, got {nested_init!r}")
+        self.nested_init = nested_init
+        # lambda_s = sigmoid(a_s), one per pair of adjacent levels; starts at 1/2
+        self.nested_logit = (
+            nn.Parameter(torch.zeros(len(chunk_sizes) - 1))
+            if variant == "nested" and nested_init == "learned" and len(chunk_sizes) > 1 else None
+        )
         self.transfers = parse_transfer(transfer, len(chunk_sizes))
         if variant == "nested" and "generate" in self.transfers:
             raise ValueError("the nested variant already restarts every level from the slower one; use 'init'")
@@ -273,9 +289,17 @@ class ContinuumMemorySystem(nn.Module):
             # slowest first, so a boundary of the slowest level restarts the whole hierarchy from it
             for s in range(self.n_levels - 2, -1, -1):
                 if end % self.chunk_sizes[s + 1] == 0:
-                    weights[s], accs[s] = weights[s + 1], torch.zeros_like(accs[s])
+                    weights[s], accs[s] = self._nested_restart(s, weights[s + 1]), torch.zeros_like(accs[s])
         weights, accs = self.transfer.generate(weights, accs, self.slow_weights, end, self.chunk_sizes)
         return CMSState(weights, accs, state.pending, end)
+
+    def _nested_restart(self, level: int, slower: torch.Tensor) -> torch.Tensor:
+        """Level ``level``'s new initial state, meta-learned from the slower level's weights ``slower: (B, n)``."""
+        if self.nested_init == "copy":
+            return slower
+        lam = torch.sigmoid(self.nested_logit[level]).to(slower.dtype)
+        own, its = self.slow_weights(level).to(slower.dtype), self.slow_weights(level + 1).to(slower.dtype)
+        return own + lam * (slower - its)
 
     # ------------------------------------------------------------------ standalone sequence layer
     def forward(self, x: torch.Tensor, state: CMSState | None = None) -> tuple[torch.Tensor, CMSState]:

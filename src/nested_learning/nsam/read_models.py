@@ -90,7 +90,8 @@ def _cms(name: str, m: ContinuumMemorySystem, ctx: dict) -> list[AssociativeMemo
         rule = f"theta <- theta - eta/C sum_chunk grad (C = {C}, eta = {lr[lv]:.3g}{clip})"
         eq = {"sequential": "Eq 70-71", "independent": "Eq 71, 74", "nested": "Eq 71-73"}[m.variant]
         if m.variant == "nested" and lv + 1 < m.n_levels:
-            rule += f"; restarts from level {lv + 2} at its boundaries"
+            how = "a copy of" if m.nested_init == "copy" else "its own initial state plus a learned fraction of"
+            rule += f"; restarts from {how} level {lv + 2} at its boundaries"
         transfer = getattr(m, "transfer", None)
         text = transfer.describe(lv) if transfer is not None else None
         if text:  # knowledge transfer from the slower level (memory/cms_transfer.py)

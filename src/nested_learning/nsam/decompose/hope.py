@@ -45,6 +45,7 @@ class CMSLevel:
         else:
             slow = (up.weight, up.bias, down.weight, down.bias)
         self.theta = [t.detach().expand(batch, *t.shape).clone() for t in slow]
+        self.initial = [t.clone() for t in self.theta]  # the slow (meta-learned) initial state, Eq 72-73
         self.acc = [torch.zeros_like(t) for t in self.theta]
         self.period, self.clip = cms.chunk_sizes[lv], cms.grad_clip
         self.eta = float(cms.max_inner_lr * torch.sigmoid(cms.lr_logit[lv].detach()))
@@ -105,7 +106,7 @@ def hope_from_levels(model: CMSLanguageModel, ids: torch.Tensor) -> torch.Tensor
             flat = [t for blk in thetas for th in blk for t in th]
             grads = iter(torch.autograd.grad(loss, flat))
         end = a + C_min
-        for blk in levels:
+        for block, blk in zip(model.blocks, levels):
             for lv in blk:
                 lv.theta = [t.detach() for t in lv.theta]
                 lv.acc = [acc + next(grads) for acc in lv.acc]
@@ -114,7 +115,13 @@ def hope_from_levels(model: CMSLanguageModel, ids: torch.Tensor) -> torch.Tensor
             if blk and cms0.variant == "nested":  # Eq 72-73: slowest first, a faster level restarts from the slower one
                 for s in range(len(blk) - 2, -1, -1):
                     if end % blk[s + 1].period == 0:
-                        blk[s].theta = [t.clone() for t in blk[s + 1].theta]
+                        slower = blk[s + 1]
+                        if block.cms.nested_init == "copy":
+                            blk[s].theta = [t.clone() for t in slower.theta]
+                        else:  # theta_s^0 + lambda_s (theta_{s+1} - theta_{s+1}^0)
+                            lam = float(torch.sigmoid(block.cms.nested_logit[s].detach()))
+                            blk[s].theta = [own + lam * (t - t0) for own, t, t0 in
+                                            zip(blk[s].initial, slower.theta, slower.initial)]
                         blk[s].acc = [torch.zeros_like(t) for t in blk[s].acc]
         mixers = [m.detach() for m in new_mixers]
     return torch.cat(logits, dim=1)
