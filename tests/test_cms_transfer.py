@@ -32,6 +32,24 @@ def test_default_transfer_is_init_and_changes_nothing():
     assert plain.up[0].weight.grad.abs().sum() > 0
 
 
+def test_initial_weights_are_meta_learned_through_the_stream():
+    """Eq 72-73 with mode="meta": the outer gradient at the slow initial weights, taken through every inner step of
+    the stream, equals a central finite difference of the loss (fp64). (The default first-order mode drops the
+    inner steps' dependence on them, so there the two differ by design.)"""
+    cms, x = _cms(mode="meta"), _x()
+    (grad,) = torch.autograd.grad(cms(x)[0].pow(2).sum(), [cms.up[0].weight])
+    direction = torch.randn(grad.shape, dtype=D, generator=torch.Generator().manual_seed(2))
+    losses = []
+    with torch.no_grad():
+        for sign in (1, -1):
+            cms.up[0].weight.add_(sign * 1e-6 * direction)
+            losses.append(cms(x)[0].pow(2).sum())
+            cms.up[0].weight.sub_(sign * 1e-6 * direction)
+    analytic = (grad * direction).sum()
+    assert abs(analytic) > 1e-3
+    torch.testing.assert_close(analytic, (losses[0] - losses[1]) / 2e-6, rtol=1e-6, atol=1e-8)
+
+
 def _outer_grads(cms, x):
     y, _ = cms(x)
     return torch.autograd.grad(y.pow(2).sum(), list(cms.parameters()), allow_unused=True)

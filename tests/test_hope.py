@@ -187,3 +187,42 @@ def test_fused_first_order_path_equals_meta_path_when_rates_are_zero(cls):
     assert grads["meta"].keys() == grads["first_order"].keys()
     for n, g in grads["meta"].items():
         torch.testing.assert_close(grads["first_order"][n], g, rtol=0, atol=1e-12)
+
+
+def _hope_by_hand(model, ids, order="titans_then_cms"):
+    """Eq 94-97 written out from the model's own modules, for one segment (initial fast weights): per block
+    o = SMT(norm1(x)), x = x + o, u = norm2(x), x = x + CMS(u) - u; ``order`` gives the alternatives a wrong
+    wiring would compute."""
+    x = model.embed(ids)
+    for block in model.blocks:
+        cms_state = block.cms.initial_state(ids.shape[0], dtype=x.dtype)
+        if order == "titans_then_cms":
+            x = x + block.mixer(block.norm1(x))[0]
+            u = block.norm2(x)
+            x = x + block.cms(u, cms_state)[0] - u
+        elif order == "cms_then_titans":
+            u = block.norm2(x)
+            x = x + block.cms(u, cms_state)[0] - u
+            x = x + block.mixer(block.norm1(x))[0]
+        else:  # "parallel": the CMS reads the block input, not the Titans output
+            o = block.mixer(block.norm1(x))[0]
+            u = block.norm2(x)
+            x = x + o + block.cms(u, cms_state)[0] - u
+    return model.head(model.norm(x))
+
+
+@torch.no_grad()
+def test_hope_block_runs_titans_then_the_cms_on_its_output():
+    """Eq 94-97: the CMS chain of a block reads the self-modifying Titans output of the same block. The by-hand
+    logits equal the model's; the two wrong wirings give different logits, so this test would catch either."""
+    torch.manual_seed(0)
+    model = HOPE(vocab_size=50, dim=16, n_layers=2, n_heads=2, chunk_sizes=(16, 32), cms_inner_lr=0.5,
+                 titans_chunk_size=4).double().eval()
+    with torch.no_grad():  # non-trivial CMS levels: their zero-init would hide a wrong CMS input
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, 50, (2, 16))  # one segment: no level steps inside it
+    logits = model(ids).logits
+    torch.testing.assert_close(logits, _hope_by_hand(model, ids), rtol=1e-10, atol=1e-10)
+    for wrong in ("cms_then_titans", "parallel"):
+        assert (logits - _hope_by_hand(model, ids, wrong)).abs().max() > 1e-3, wrong

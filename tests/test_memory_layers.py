@@ -99,21 +99,51 @@ def test_states_are_fp32_for_low_precision_inputs(name):
     assert memories and all(v.dtype == torch.float32 for v in memories.values())
 
 
+def _memory_tensors(state) -> list:
+    """The state's memory tensors with their graph (``flatten()`` detaches; the conv cache holds raw inputs)."""
+    import dataclasses
+
+    from nested_learning.memory.state import _map
+
+    found = []
+    for f in dataclasses.fields(state):
+        if f.name != "conv":
+            _map(getattr(state, f.name), lambda t: found.append(t) or t)
+    return [t for t in found if t.is_floating_point()]
+
+
 @pytest.mark.parametrize(
     "name", ["smt-l2-c3", "smt-dot-c4", "smt-mlp-l2-c3", "neural-mlp-c3", "neural-linear-c4"]
 )
 def test_gradients_reach_initial_memories(name):
+    """Eq 72-73: the slow initial memories are learned through the whole in-context trajectory. A loss on the last
+    output and the final memories: its gradient w.r.t. the initial memories (and every other weight) equals a central
+    finite difference along a random direction (fp64)."""
     layer = _make(name)
     x = torch.randn(2, T, DIM, dtype=torch.float64)
-    y, state = layer(x)
-    # a loss on the final state alone tests the path through every in-context update
-    loss = y[:, -1].pow(2).sum() + sum(v.pow(2).sum() for k, v in state.flatten().items() if "conv" not in k)
-    # the slow initial values of the fast memories (Eq 72-73)
-    params = [
-        p
-        for n, p in layer.named_parameters()
-        if n.startswith(("memories.initial", "memories.w", "memories.g1", "memory.initial"))
-    ]
-    assert params
-    grads = torch.autograd.grad(loss, params)
-    assert all(g.abs().sum() > 0 for g in grads)
+
+    def total():
+        y, state = layer(x)
+        memories = _memory_tensors(state)
+        assert memories and all(t.requires_grad for t in memories)
+        return y[:, -1].pow(2).sum() + sum(t.pow(2).sum() for t in memories)
+
+    initial = [n for n, _ in layer.named_parameters()
+               if n.startswith(("memories.initial", "memories.w", "memories.g1", "memory.initial"))]
+    assert initial
+    names, params = zip(*layer.named_parameters())
+    grads = torch.autograd.grad(total(), params)
+    gen = torch.Generator().manual_seed(0)
+    for n, p, g in zip(names, params, grads):
+        d = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        losses = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                p.add_(sign * 1e-6 * d)
+            losses.append(total().item())
+            with torch.no_grad():
+                p.sub_(sign * 1e-6 * d)
+        numeric, analytic = (losses[0] - losses[1]) / 2e-6, float((g * d).sum())
+        if n in initial:
+            assert abs(analytic) > 1e-4, n
+        assert abs(analytic - numeric) <= 1e-5 * abs(analytic) + 1e-7, (n, analytic, numeric)
