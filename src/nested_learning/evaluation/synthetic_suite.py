@@ -69,12 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="hope")
     p.add_argument("--tasks", default=",".join(MAD_TASKS + FORMAL_TASKS))
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=SyntheticConfig.lr)
+    p.add_argument("--dim", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
-    cfg = SyntheticConfig(tasks=tuple(t for t in args.tasks.split(",") if t), steps=args.steps,
-                          progress=not args.quick)
+    cfg = SyntheticConfig(tasks=tuple(t for t in args.tasks.split(",") if t), steps=args.steps, lr=args.lr,
+                          overrides={"dim": args.dim, "n_layers": 2}, progress=not args.quick)
     if args.quick:
         cfg = dataclasses.replace(cfg, steps=2, batch_size=4, n_test=8, overrides={"dim": 32, "n_layers": 1})
     result = run_synthetic(args.model, cfg, args.seed)
