@@ -16,9 +16,21 @@ def test_lines_every_interval_and_at_the_end():
         bar.set_postfix(loss="3.210")
     bar.close()
     lines = out.getvalue().splitlines()
-    assert len(lines) == 5 and "\r" not in out.getvalue()
+    assert len(lines) == 4 and "\r" not in out.getvalue()  # steps 1-3, then the final line
     assert lines[1].startswith("train hope: 2/4 (50%), ") and "s left" in lines[1] and lines[1].endswith("loss=3.210")
     assert lines[-1].startswith("train hope: 4/4 (100%), ") and "(done)" in lines[-1]
+
+
+def test_a_due_line_shows_the_values_set_after_the_update():
+    out = io.StringIO()
+    bar = prog.LineProgress(total=4, desc="d", every=0.0, file=out)
+    bar.update(1)
+    assert out.getvalue() == ""
+    bar.set_postfix(loss=1)
+    assert out.getvalue().startswith("d: 1/4 (25%), ") and out.getvalue().endswith("s left, loss=1\n")
+    bar.update(1)  # no postfix this time: printed at the next update
+    bar.update(1)
+    assert out.getvalue().splitlines()[-1].startswith("d: 3/4 (75%), ")
 
 
 def test_nothing_between_intervals_and_nothing_when_disabled():

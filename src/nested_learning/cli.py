@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 
@@ -102,7 +103,8 @@ def _run(args) -> int:
 
         config = load_config(args.config, args.overrides)
         summary = Trainer(config).train()
-        print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank has the same summary
+            print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
         return 0
 
     if args.command == "eval":

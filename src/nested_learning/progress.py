@@ -72,6 +72,7 @@ class LineProgress:
         self.every = report_every() if every is None else float(every)
         self.file = file
         self.postfix = ""
+        self._pending = False
         self.t0 = self.last = time.monotonic()
         self.closed = False
 
@@ -92,18 +93,22 @@ class LineProgress:
         return False
 
     def update(self, n: int = 1) -> None:
+        """Count ``n`` more; a line that is due waits for the ``set_postfix`` that usually follows (so it shows
+        this step's values) or is printed at the next update."""
         self.n += n
-        now = time.monotonic()
-        if now - self.last >= self.every:
-            self.last = now
-            self._print(now)
+        if self._pending:
+            self._emit()
+        elif time.monotonic() - self.last >= self.every:
+            self._pending = True
 
     def set_postfix(self, ordered_dict: dict | None = None, refresh: bool = True, **kwargs: Any) -> None:
         items = {**(ordered_dict or {}), **kwargs}
-        self.postfix = ", ".join(f"{k}={v}" for k, v in items.items())
+        self.set_postfix_str(", ".join(f"{k}={v}" for k, v in items.items()), refresh)
 
     def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
         self.postfix = str(s)
+        if refresh and self._pending:
+            self._emit()
 
     def close(self) -> None:
         if not self.closed:
@@ -124,6 +129,12 @@ class LineProgress:
         if self.postfix:
             parts.append(self.postfix)
         return f"{self.desc}: " + ", ".join(parts) if self.desc else ", ".join(parts)
+
+    def _emit(self) -> None:
+        self._pending = False
+        self.last = time.monotonic()
+        if not (self.total and self.n >= self.total):  # the last line is close()'s
+            self._print(self.last)
 
     def _print(self, now: float, final: bool = False) -> None:
         if self.disable:
