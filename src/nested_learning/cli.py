@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
-from pathlib import Path
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,10 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=40)
     g.add_argument("--seed", type=int, default=0)
 
+    x = sub.add_parser("export", help="a checkpoint as a transformers model directory (AutoModelForCausalLM)")
+    x.add_argument("--checkpoint", required=True, help="run directory (uses its latest checkpoint) or step_* dir")
+    x.add_argument("--out", required=True, help="directory to write (config.json, model.safetensors, tokenizer)")
+
     d = sub.add_parser("demo", help="the main job: train small models on the corpus and write a report")
     d.add_argument("--models", default=None, help="comma-separated model names (default: the demo's list; none: skip)")
     d.add_argument("--pretrained", default=None, help="the pretrained model to Hope-ify (default smollm2-135m; none: skip)")
@@ -53,28 +57,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _load_run(checkpoint: str):
-    from nested_learning.models import build_model
-    from nested_learning.training import TrainConfig, apply_overrides
-    from nested_learning.training.checkpoint import latest_checkpoint, load_checkpoint
+    from nested_learning.training.runs import load_run
 
-    path = Path(checkpoint)
-    if not path.exists():
-        raise ValueError(f"--checkpoint {str(path)!r} does not exist")
-    if not (path / "model.safetensors").exists():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise ValueError(f"--checkpoint {str(path)!r}: no intact checkpoint found there")
-        path = found
-    import torch
-
-    try:
-        meta = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated zip, unpickling error, missing file
-        raise ValueError(f"--checkpoint {str(path)!r} is damaged or incomplete: {err}") from err
-    config = apply_overrides(TrainConfig(), meta["config"])
-    model = build_model(config.model, config.size, **config.model_overrides)
-    load_checkpoint(path, model)
-    return model.eval(), config
+    model, config, _ = load_run(checkpoint)
+    return model, config
 
 
 # Subcommands whose arguments belong to an experiment's own parser: ``nested-learning report --preset quick``.
@@ -117,7 +103,8 @@ def _run(args) -> int:
 
         config = load_config(args.config, args.overrides)
         summary = Trainer(config).train()
-        print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank has the same summary
+            print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
         return 0
 
     if args.command == "eval":
@@ -144,6 +131,14 @@ def _run(args) -> int:
         out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              generator=torch.Generator().manual_seed(args.seed))
         print(tok.decode(out[0].tolist()))
+        return 0
+
+    if args.command == "export":
+        from nested_learning.hf.export import export_checkpoint
+
+        out = export_checkpoint(args.checkpoint, args.out)
+        print(f"exported {args.checkpoint} to {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}) "
+              "after `import nested_learning.hf`, or with trust_remote_code=True")
         return 0
 
     if args.command == "demo":

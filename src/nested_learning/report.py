@@ -20,8 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from nested_learning import progress as prog
 from nested_learning.evaluation.presets import ReportPreset, get_preset
 
 
@@ -142,7 +141,7 @@ def run_report(preset: str, out_dir: str | Path = "results", seeds=None, models=
     runner = _Runner(p, out, resume)
     jobs = _jobs(p, models)
     t0 = time.perf_counter()
-    bar = tqdm(jobs, desc=f"report {preset}", disable=not progress, dynamic_ncols=True)
+    bar = prog.progress(jobs, desc=f"report {preset}", disable=not progress)
     for key, suite, model, seed in bar:
         bar.set_postfix(run=f"{key}/{model}/seed{seed}")
         fail_path = runner.root / "failed" / f"{key}_{model}_seed{seed}.json"
@@ -152,7 +151,7 @@ def run_report(preset: str, out_dir: str | Path = "results", seeds=None, models=
         except Exception as err:  # one broken model must not cost the whole report
             write_json(fail_path, {"key": key, "model": model, "seed": seed, "error": f"{type(err).__name__}: {err}",
                                    "traceback": traceback.format_exc()})
-            tqdm.write(f"{key}/{model}/seed{seed} failed: {type(err).__name__}: {err}")
+            prog.write(f"{key}/{model}/seed{seed} failed: {type(err).__name__}: {err}")
     records, failed = runner.records(jobs)
     runner.seconds["all runs (sum)"] = sum(runner.seconds.values())
     runner.seconds["this call"] = time.perf_counter() - t0

@@ -24,7 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from nested_learning.progress import progress
 
 from .corpus import LM_SPLITS, corpus_fingerprint, load_lm_documents
 from .tokenizer import get_tokenizer
@@ -65,7 +66,7 @@ def _encoded_chunks(docs: list[str], desc: str, tokenizer=None) -> Iterator[np.n
     if tok.vocab_size > np.iinfo(DTYPE).max + 1:
         raise ValueError(f"a vocabulary of {tok.vocab_size} tokens does not fit the uint16 token cache")
     eot = [tok.eot_id]
-    with tqdm(total=len(docs), desc=desc, unit="doc", unit_scale=True) as bar:
+    with progress(total=len(docs), desc=desc, unit="doc", unit_scale=True) as bar:
         for start in range(0, len(docs), BATCH_DOCS):
             batch = docs[start : start + BATCH_DOCS]
             ids = tok.encode_batch(batch)

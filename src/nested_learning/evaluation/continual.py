@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from nested_learning.data.continual import BENCHMARKS, CLStream, make_stream
 from nested_learning.evaluation import continual_metrics as cm
@@ -39,6 +38,7 @@ from nested_learning.evaluation.ewc import EWC
 from nested_learning.evaluation.harness import context_limit, has_test_time_switch, prefill, test_time_updates
 from nested_learning.evaluation.scoring import LabelScorer
 from nested_learning.evaluation.train_loop import fit
+from nested_learning.progress import progress
 
 METHODS = ("finetune", "ewc", "icl", "memory")
 ALL_METHODS = METHODS + ("stream_frozen",)
@@ -77,7 +77,7 @@ def run_method(backbone: torch.nn.Module, stream: CLStream, method: str, cfg: CL
     streams = method in ("memory", "stream_frozen")
     learner = _MemoryLearner(model, scorer, learn=method == "memory") if streams else None
     rng = np.random.default_rng([seed, 11])
-    bar = tqdm(total=T, desc=f"{stream.benchmark}/{method}", disable=not cfg.progress, leave=False)
+    bar = progress(total=T, desc=f"{stream.benchmark}/{method}", disable=not cfg.progress, leave=False)
     for i, task in enumerate(stream.tasks):
         state = None
         if method in ("finetune", "ewc"):

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from nested_learning.data.niah import NIAH_TASKS, NIAHInstance, make_instance
 from nested_learning.evaluation.harness import context_limit, has_test_time_switch, prefill
 from nested_learning.evaluation.train_loop import fit
+from nested_learning.progress import progress
 
 
 @dataclasses.dataclass
@@ -112,7 +112,7 @@ def evaluate(model: torch.nn.Module, cfg: NIAHConfig, seed: int = 0) -> dict:
     recall = {t: {} for t in cfg.tasks}
     samples = []
     cells = [(t, n) for n in cfg.eval_lengths for t in cfg.tasks]
-    bar = tqdm(cells, desc="niah eval", disable=not cfg.progress, leave=False)
+    bar = progress(cells, desc="niah eval", disable=not cfg.progress, leave=False)
     for task, length in bar:
         bar.set_postfix(task=task, length=length)
         key = str(length)

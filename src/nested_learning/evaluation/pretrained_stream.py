@@ -22,7 +22,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+from nested_learning.progress import progress
 
 CONDITIONS = ("original", "cms_frozen", "cms_on", "dynamic_eval")
 
@@ -135,7 +136,7 @@ def run_pretrained_stream(hope, docs: list[list[int]], cfg: PretrainedStreamConf
     """Every condition at every window on every document: per-document perplexities and their geometric mean."""
     rows = []
     jobs = [(w, c, d) for w in cfg.windows for c in cfg.conditions for d in range(len(docs))]
-    bar = tqdm(jobs, desc="streaming perplexity", disable=not cfg.progress)
+    bar = progress(jobs, desc="streaming perplexity", disable=not cfg.progress)
     for window, cond, d in bar:
         bar.set_postfix_str(f"window {window} {cond} doc {d}")
         t0 = time.perf_counter()

@@ -13,8 +13,8 @@ import math
 from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
 
+from nested_learning.progress import progress as make_progress
 from nested_learning.training.schedule import warmup_cosine
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -45,7 +45,7 @@ def fit(
     sched = warmup_cosine(opt, warmup if warmup is not None else max(1, steps // 10), steps)
     model.train()
     history = []
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    bar = make_progress(range(steps), desc=desc, disable=not progress, leave=False)
     for step in bar:
         x, y = next_batch(step)
         loss = model(x, labels=y).loss

@@ -69,6 +69,11 @@ class BlockLM(LanguageModel):
         self.head.weight = self.embed.weight
         self._init_weights(init_std, n_layers, reinit_mixers)
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The submodules FSDP may shard one by one (``training/fsdp.py``): the blocks, each called once per
+        forward as a module."""
+        return list(self.blocks)
+
     def _init_weights(self, std: float, n_layers: int, reinit_mixers: bool) -> None:
         # GPT-2 style: small normal init, residual output projections scaled down with depth. Memory layers
         # keep their own initialisation (gate biases, zero fast-weight inits) unless asked otherwise.

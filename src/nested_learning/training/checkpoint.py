@@ -4,6 +4,10 @@ A checkpoint is a directory ``step_<N>/`` written first under a temporary name a
 ``latest`` (itself replaced atomically) names the newest complete one. A crash mid-save therefore leaves at most a
 stray temporary directory (removed by the next save), and the previous checkpoint stays loadable. Readers fall back
 to the newest intact checkpoint when the one ``latest`` names is missing or truncated.
+
+A sharded checkpoint (``parallel=fsdp``, ``training/fsdp.py``) holds ``sharded/`` (``torch.distributed.checkpoint``:
+every rank's shards of the weights and optimizer state) instead of ``model.safetensors``; the same readers accept it,
+and :func:`load_checkpoint` reassembles its weights in one process.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +73,26 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, trai
     disk first moves the old copy aside (``.old_step_*``, still a fallback of :func:`find_checkpoint`), renames the
     new one in, repoints ``latest``, and only then removes the old copy.
     """
+    tmp = prepare_checkpoint(out_dir, step, tag=str(os.getpid()))
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(trainer_state, tmp / "trainer_state.pt")
+    return publish_checkpoint(out_dir, step, tmp, keep)
+
+
+def prepare_checkpoint(out_dir: str | Path, step: int, tag: str) -> Path:
+    """Remove strays and create the temporary directory ``.tmp_step_<step>_<tag>`` that a save fills."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_strays(out_dir)
-    final = out_dir / f"step_{step:08d}"
-    tmp = out_dir / f".tmp_step_{step:08d}_{os.getpid()}"
+    tmp = out_dir / f".tmp_step_{step:08d}_{tag}"
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(trainer_state, tmp / "trainer_state.pt")
+    return tmp
+
+
+def publish_checkpoint(out_dir: str | Path, step: int, tmp: Path, keep: int = 2) -> Path:
+    """Rename the complete ``tmp`` to ``step_<step>``, repoint ``latest``, keep the newest ``keep``."""
+    out_dir = Path(out_dir)
+    final = out_dir / f"step_{step:08d}"
     aside = None
     if final.exists():
         aside = out_dir / f".old_step_{step:08d}_{os.getpid()}"
@@ -91,12 +108,32 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, trai
     return final
 
 
+SHARDED = "sharded"  # the torch.distributed.checkpoint directory of an FSDP checkpoint (weights and optimizer)
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether ``path`` is a sharded (FSDP) checkpoint rather than a single ``model.safetensors``."""
+    return (Path(path) / SHARDED).is_dir()
+
+
+def is_checkpoint_dir(path: str | Path) -> bool:
+    """Whether ``path`` is one checkpoint (a ``step_*`` directory) rather than a run directory."""
+    path = Path(path)
+    return (path / "model.safetensors").exists() or is_sharded(path)
+
+
 def is_intact(path: str | Path) -> bool:
-    """Whether ``path`` holds a complete checkpoint: both files present and readable to their end."""
+    """Whether ``path`` holds a complete checkpoint: its files present and readable to their end (for a sharded
+    one, the metadata that ``torch.distributed.checkpoint`` writes last)."""
     path = Path(path)
     try:
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            f.keys()
+        if is_sharded(path):
+            from torch.distributed.checkpoint import FileSystemReader
+
+            FileSystemReader(str(path / SHARDED)).read_metadata()
+        else:
+            with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+                f.keys()
         torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False, mmap=True)
     except Exception:  # a truncated or missing file fails in many ways (OSError, SafetensorError, zip errors)
         return False
@@ -127,6 +164,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, map_location: str 
         state = torch.load(path / "trainer_state.pt", map_location=map_location, weights_only=False)
     except Exception as err:  # truncated zip, unpickling errors, missing file
         raise ValueError(f"checkpoint {path} is damaged or incomplete: {err}") from err
+    if is_sharded(path):
+        load_sharded_weights(path, model)
+        return state
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True,
                                          device=str(map_location))
@@ -135,3 +175,20 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, map_location: str 
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
     return state
+
+
+def load_sharded_weights(path: str | Path, model: torch.nn.Module) -> None:
+    """The weights of a sharded (FSDP) checkpoint into a plain, unsharded ``model`` in one process (eval, generate,
+    export): ``torch.distributed.checkpoint`` reassembles the shards of any number of ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    weights = get_model_state_dict(model)
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*load in a single process.*")
+            dcp.load({"model": weights}, checkpoint_id=str(Path(path) / SHARDED),
+                     no_dist=not torch.distributed.is_initialized())
+    except Exception as err:  # missing or mismatched keys, truncated shards
+        raise ValueError(f"sharded checkpoint {path} does not fit the model or is damaged: {err}") from err
+    set_model_state_dict(model, weights)

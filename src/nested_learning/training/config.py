@@ -53,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
     device: str = "auto"
+    parallel: str = "ddp"  # under torchrun: "ddp" (whole model on every rank) or "fsdp" (FSDP2, sharded)
     resume: bool = False  # continue from out_dir's latest checkpoint; an error when there is none ...
     allow_fresh_start: bool = False  # ... unless this is true: then a run without a checkpoint starts at step 0
 
@@ -95,6 +96,13 @@ def validate(c: TrainConfig) -> None:
                                                                             for b in c.betas),
              "betas", c.betas, "two numbers in [0, 1)")
     _require(c.dataset in DATASETS, "dataset", c.dataset, f"one of {DATASETS}")
+    from nested_learning.training.fsdp import FSDP_OPTIMIZERS
+    from nested_learning.training.parallel import PARALLELISMS
+
+    _require(c.parallel in PARALLELISMS, "parallel", c.parallel, f"one of {PARALLELISMS}")
+    _require(c.parallel != "fsdp" or c.optimizer in FSDP_OPTIMIZERS, "optimizer", c.optimizer,
+             f"one of {FSDP_OPTIMIZERS} with parallel=fsdp (an element-wise optimizer: FSDP shards every weight "
+             "into row blocks, and matrix optimizers such as Muon and M3 need the whole matrix)")
     _require(isinstance(c.model_overrides, dict), "model_overrides", c.model_overrides, "a mapping")
     _require(isinstance(c.optimizer_kwargs, dict), "optimizer_kwargs", c.optimizer_kwargs, "a mapping")
     if c.device != "auto":

@@ -1,9 +1,8 @@
-"""torch.distributed set-up kept apart from the model: DDP under ``torchrun``, plain single process otherwise.
+"""torch.distributed set-up kept apart from the model: the process group under ``torchrun``, nothing otherwise.
 
-``torchrun --nproc_per_node=K`` sets RANK/WORLD_SIZE/LOCAL_RANK; we then start gloo on CPU or nccl on CUDA and
-wrap the model in DistributedDataParallel. Each rank reads its own shard of every global batch (see
-``TokenBatcher``). FSDP can be added here by wrapping instead with ``torch.distributed.fsdp.fully_shard``: nothing
-in the trainer assumes DDP beyond ``unwrap``.
+``torchrun --nproc_per_node=K`` sets RANK/WORLD_SIZE/LOCAL_RANK; we then start gloo on CPU or nccl on CUDA. Each
+rank reads its own shard of every global batch (see ``TokenBatcher``). How the model is spread over the ranks (DDP
+or FSDP2) is the strategy's business: ``training/parallel.py`` and ``training/fsdp.py``.
 """
 
 from __future__ import annotations
@@ -38,14 +37,6 @@ def init_distributed(device: torch.device) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
-    if not info.enabled:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -2,7 +2,8 @@
 
 Features: optimizer by name (``nested_learning.optimizers.build_optimizer``), warmup + cosine schedule, gradient
 clipping and accumulation, evaluation every N steps, a progress bar with loss and tokens/s, CSV and TensorBoard logs,
-crash-safe checkpoints (every ``save_every`` steps and at the end of every run) with exact resume, DDP under torchrun, and non-finite losses skipped (training stops after
+crash-safe checkpoints (every ``save_every`` steps and at the end of every run) with exact resume, DDP or FSDP2 under torchrun
+(``parallel=``, ``training/parallel.py``), and non-finite losses skipped (training stops after
 ``max_bad_steps`` in a row, the last good checkpoint intact).
 """
 
@@ -19,19 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from nested_learning import progress
 from nested_learning.training import checkpoint as ckpt
 from nested_learning.training.config import TrainConfig
 from nested_learning.training.cpu_memory import keep_freed_cpu_memory
-from nested_learning.training.distributed import (
-    DistInfo,
-    all_reduce_mean,
-    barrier,
-    init_distributed,
-    unwrap,
-    wrap_model,
-)
+from nested_learning.training.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, unwrap
+from nested_learning.training.parallel import build_parallel
 from nested_learning.training.schedule import warmup_cosine
 
 METRIC_FIELDS = ["step", "loss", "lr", "tokens_per_s", "val_loss", "skipped"]
@@ -91,7 +86,8 @@ class Trainer:
         elif not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model.to(self.device)
-        self.ddp_model = wrap_model(self.model, self.dist, self.device)
+        self.parallel = build_parallel(config.parallel, self.dist, self.device)
+        self.ddp_model = self.parallel.wrap(self.model)
         if train_tokens is None or val_tokens is None:
             # Rank 0 builds the token cache once; the other ranks then read it instead of repeating the work.
             if not self.dist.is_main:
@@ -149,10 +145,8 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
-        path = None
-        if self.dist.is_main:
-            path = ckpt.save_checkpoint(self.out_dir, self.step, unwrap(self.model), self._trainer_state(),
-                                        keep=self.config.keep_checkpoints)
+        path = self.parallel.save_checkpoint(self.out_dir, self.step, unwrap(self.model), self.optimizer,
+                                             self._trainer_state(), keep=self.config.keep_checkpoints)
         self._saved_step = self.step
         barrier(self.dist)
         return path
@@ -166,8 +160,7 @@ class Trainer:
                 f"resume=true but {str(self.out_dir)!r} holds no checkpoint to resume from; set "
                 "allow_fresh_start=true to start a new run there, or point out_dir at an earlier run"
             )
-        state = ckpt.load_checkpoint(path, unwrap(self.model), map_location=self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = self.parallel.load_checkpoint(path, unwrap(self.model), self.optimizer, self.device)
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         self.batcher.load_state_dict(state["data"])
@@ -236,12 +229,12 @@ class Trainer:
             x, y = self.batcher.next_batch()
             x, y = x.to(self.device), y.to(self.device)
             sync = self.dist.enabled and micro < c.grad_accum - 1
-            with self.ddp_model.no_sync() if sync else contextlib.nullcontext():
+            with self.parallel.no_sync(self.ddp_model) if sync else contextlib.nullcontext():
                 loss = self.ddp_model(x, labels=y).loss / c.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
         loss_value = float(all_reduce_mean(loss_sum, self.dist))
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip if c.grad_clip > 0 else 1e30)
+        grad_norm = self.parallel.clip_grad_norm(self.model.parameters(), c.grad_clip if c.grad_clip > 0 else 1e30)
         finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
@@ -256,8 +249,8 @@ class Trainer:
         last = c.max_steps if until is None else min(until, c.max_steps)
         writer, csv_path = self._open_logs()
         tokens_per_step = c.batch_size * c.seq_len * c.grad_accum * self.dist.world_size
-        bar = tqdm(total=c.max_steps, initial=self.step, disable=not (c.progress and self.dist.is_main),
-                   desc=f"train {c.model}", dynamic_ncols=True)
+        bar = progress.progress(total=c.max_steps, initial=self.step, disable=not (c.progress and self.dist.is_main),
+                                desc=f"train {c.model}")
         t_start, steps_timed = time.perf_counter(), 0
         val_loss = float("nan")
         try:
@@ -273,7 +266,7 @@ class Trainer:
                     self.bad_in_a_row = 0
                 else:
                     self.bad_in_a_row += 1
-                    tqdm.write(f"step {self.step}: non-finite loss or gradient ({loss}); step skipped")
+                    progress.write(f"step {self.step}: non-finite loss or gradient ({loss}); step skipped")
                     if self.bad_in_a_row >= c.max_bad_steps:
                         self._log(row, writer, csv_path)
                         kept = (f"the checkpoint of step {self._saved_step} in {self.out_dir} is intact"
