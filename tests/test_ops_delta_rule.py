@@ -237,17 +237,17 @@ def test_unit_lower_inverse_and_chunk_scan_match_their_references():
     from nested_learning.ops import delta_rule_chunk as dc
 
     torch.manual_seed(0)
-    L = (0.3 * torch.randn(3, 2, 9, 9, dtype=torch.float64)).requires_grad_()  # upper part must be ignored
+    L = (0.3 * torch.randn(2, 1, 5, 5, dtype=torch.float64)).requires_grad_()  # upper part must be ignored
     X = dc.unit_lower_inverse(L)
-    eye = torch.eye(9, dtype=torch.float64)
+    eye = torch.eye(5, dtype=torch.float64)
     torch.testing.assert_close(X @ (eye + L.detach().tril(-1)), eye.expand_as(X), atol=1e-12, rtol=0)
     torch.testing.assert_close(X, dc.unit_lower_inverse_reference(L), atol=1e-12, rtol=0)
     assert torch.autograd.gradcheck(dc.unit_lower_inverse, (L,))
     assert torch.autograd.gradgradcheck(dc.unit_lower_inverse, (L,))
 
-    A = (0.5 * torch.randn(5, 3, 4, 4, dtype=torch.float64)).requires_grad_()
-    Bc = torch.randn(5, 3, 4, 2, dtype=torch.float64, requires_grad=True)
-    R0 = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
+    A = (0.5 * torch.randn(3, 2, 3, 3, dtype=torch.float64)).requires_grad_()
+    Bc = torch.randn(3, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    R0 = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
     torch.testing.assert_close(dc.chunk_scan(A, Bc, R0), dc.chunk_scan_reference(A, Bc, R0), atol=1e-12, rtol=0)
     assert torch.autograd.gradcheck(dc.chunk_scan, (A, Bc, R0))
     assert torch.autograd.gradgradcheck(dc.chunk_scan, (A, Bc, R0))
