@@ -17,6 +17,7 @@ def _linear(W, x):
 
 
 def reference_reads(layer: NeuralMemory, x: torch.Tensor, fn):
+    # grad_at="call_start": every token's gradient at the weights of t = 0
     """Token loop: gradients at the chunk-start weights (each from its own autograd call), then
     S = eta S - theta g, M = (1 - alpha) M + alpha M_init + S (M_init = 0 for retention="zero"), y_t = M_t(q_t).
     Returns reads (N, T, dh) and final (M, S)."""
@@ -29,7 +30,7 @@ def reference_reads(layer: NeuralMemory, x: torch.Tensor, fn):
     reads = torch.zeros_like(q)
     for n in range(N):
         for t in range(T):
-            if t % layer.chunk_size == 0:
+            if t % layer.chunk_size == 0 if layer.grad_at == "chunk_start" else t == 0:
                 M_chunk = [w.clone().requires_grad_() for w in M[n]]
             loss = (fn(M_chunk, k[n, t]) - v[n, t]).pow(2).sum()
             grads = torch.autograd.grad(loss, M_chunk)
@@ -172,3 +173,29 @@ def test_zero_learning_rate_keeps_the_initial_memory_under_initial_retention():
     _, state = layer(x)
     for w, w0 in zip(state.weights, layer.memory.init_weights(1)):
         torch.testing.assert_close(w, w0.detach(), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("memory,fn", [("mlp", _mlp), ("linear", _linear)])
+@pytest.mark.parametrize("grad_clip", [None, 0.5])
+def test_call_start_gradients_equal_their_token_loop(memory, fn, grad_clip):
+    """grad_at="call_start" (titans-pytorch's rule): every gradient at the weights the call started with."""
+    torch.manual_seed(2)
+    layer = NeuralMemory(8, n_heads=2, chunk_size=3, memory=memory, max_lr=0.5, grad_clip=grad_clip,
+                         grad_at="call_start").double()
+    with torch.no_grad():
+        layer.to_gates.weight.normal_(0, 1.0)
+        layer.to_gates.bias.zero_()
+    x = torch.randn(2, 11, 8, dtype=torch.float64)
+    with torch.no_grad():
+        reads, state = layer.read(x)
+    ref, M, S = reference_reads(layer, x, fn)
+    torch.testing.assert_close(reads, ref, rtol=0, atol=1e-10)
+    for n in range(reads.shape[0]):
+        for i in range(len(M[n])):
+            torch.testing.assert_close(state.weights[i][n], M[n][i], rtol=0, atol=1e-10)
+    exact = NeuralMemory(8, n_heads=2, chunk_size=3, memory=memory, max_lr=0.5, grad_clip=grad_clip).double()
+    exact.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert (exact.read(x)[0] - reads).abs().max() > 1e-6  # a different rule past the first chunk
+    with pytest.raises(ValueError):
+        NeuralMemory(8, grad_at="token")

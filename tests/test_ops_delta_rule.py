@@ -1,5 +1,7 @@
 """Delta rule / DGD on a matrix memory (Eq 56-57, 65, 88, 93): chunked form against the token recurrence."""
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -229,3 +231,82 @@ def test_bad_input_raises():
         delta_rule(q, k, v, eta.long())
     with pytest.raises(TypeError):
         delta_rule(q, k.numpy(), v, eta)
+
+
+def test_unit_lower_inverse_and_chunk_scan_match_their_references():
+    from nested_learning.ops import delta_rule_chunk as dc
+
+    torch.manual_seed(0)
+    L = (0.3 * torch.randn(2, 1, 5, 5, dtype=torch.float64)).requires_grad_()  # upper part must be ignored
+    X = dc.unit_lower_inverse(L)
+    eye = torch.eye(5, dtype=torch.float64)
+    torch.testing.assert_close(X @ (eye + L.detach().tril(-1)), eye.expand_as(X), atol=1e-12, rtol=0)
+    torch.testing.assert_close(X, dc.unit_lower_inverse_reference(L), atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(dc.unit_lower_inverse, (L,))
+    assert torch.autograd.gradgradcheck(dc.unit_lower_inverse, (L,))
+
+    A = (0.5 * torch.randn(3, 2, 3, 3, dtype=torch.float64)).requires_grad_()
+    Bc = torch.randn(3, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    R0 = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(dc.chunk_scan(A, Bc, R0), dc.chunk_scan_reference(A, Bc, R0), atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(dc.chunk_scan, (A, Bc, R0))
+    assert torch.autograd.gradgradcheck(dc.chunk_scan, (A, Bc, R0))
+
+
+def test_chunk_second_order_gradients_match_recurrent():
+    args = make_inputs(1, 11, 2, 3, 2, requires_grad=True)
+    leaves = [x for x in args if x is not None]
+
+    def grad_norm(mode):
+        o, S = delta_rule(*args, chunk_size=4, mode=mode)
+        g = torch.autograd.grad(o.pow(2).sum() + S.sum(), leaves, create_graph=True)
+        return torch.autograd.grad(sum(x.pow(2).sum() for x in g), leaves)
+
+    for a, b in zip(grad_norm("chunk"), grad_norm("recurrent")):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_chunk_keeps_the_thread_count():
+    n = torch.get_num_threads()
+    delta_rule(*make_inputs(1, 40, 2, 4, 4), chunk_size=8)
+    assert torch.get_num_threads() == n
+
+
+def _fla_naive():
+    """fla-core's torch reference of the gated delta rule, loaded from its file (the package itself needs triton)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("fla")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("fla-core is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "ops" / "gated_delta_rule" / "naive.py"
+    module_spec = importlib.util.spec_from_file_location("_fla_gdr_naive", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("alpha", [True, False])
+@pytest.mark.parametrize("init", [True, False])
+def test_fla_mapping_matches_fla_reference(alpha, init):
+    dr = sys.modules["nested_learning.ops.delta_rule"]  # the package's delta_rule attribute is the function
+    naive = _fla_naive()
+    args = make_inputs(2, 70, 3, 8, 6, alpha=alpha, init=init, dtype=torch.float32)
+    o_ref, S_ref = delta_rule(*args, mode="recurrent")
+    o_rec, S_rec = dr._delta_rule_fla(naive.naive_recurrent_gated_delta_rule, *args)
+    chunk = lambda **kw: naive.naive_chunk_gated_delta_rule(**kw, chunk_size=16)  # noqa: E731
+    o_chk, S_chk = dr._delta_rule_fla(chunk, *args)
+    for o, S in ((o_rec, S_rec), (o_chk, S_chk)):
+        assert S.shape == S_ref.shape
+        torch.testing.assert_close(o.float(), o_ref, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(S, S_ref, atol=2e-5, rtol=2e-5)
+
+
+def test_fla_dispatch_only_where_it_applies():
+    dr = sys.modules["nested_learning.ops.delta_rule"]
+    q = torch.zeros(1, 4, 1, 2)
+    alpha = torch.ones(1, 4, 1)
+    assert not dr._fla_applies(q, "after", torch.float32, alpha)  # CPU tensors: always the native form
+    with pytest.raises(ValueError):
+        delta_rule(*make_inputs(1, 4, 1, 2, 2), backend="triton")

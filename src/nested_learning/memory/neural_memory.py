@@ -35,6 +35,12 @@ Titans LM's memories reached exactly 0 within 10k tokens. We decay toward the me
 the regulariser alpha/2 ||M - M_init||^2 (the initial state is what the outer loop learns, Eq 72-73): all formulas
 above hold for M - M_init, the memory stays within reach of M_init (bounded by its clipped steps) and never dies.
 ``retention="zero"`` gives Titans' rule; for a zero-initialised linear memory the two are the same.
+
+Gradient point (``grad_at``). ``"chunk_start"`` (the default) is Eq 90 exactly: chunk c's gradients are taken at
+M_c, the memory at the start of chunk c, so the chunks form a sequential recurrence. ``"call_start"`` takes every
+chunk's gradients at the memory the call started with (titans-pytorch's rule: cheaper, one batched gradient pass
+for the whole call, but not Eq 90: a call of n chunks is one chunk of n * chunk_size tokens for the gradients, while
+momentum, decay and reads still run per token). Both equal their own token loops (tests).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from .memories import FastWeightMemory, LinearMemory, MLPMemory
 from .state import LayerState
 
 RETENTIONS = ("initial", "zero")
+GRAD_POINTS = ("chunk_start", "call_start")
 
 
 @dataclasses.dataclass
@@ -117,6 +124,8 @@ class NeuralMemory(nn.Module):
             dual form exact (the clipped gradient is still delta_i a_i^T).
         retention: ``"initial"`` (decay toward the initial memory, see "Retention choice" above) or ``"zero"``
             (Titans' decay toward 0).
+        grad_at: ``"chunk_start"`` (Eq 90: gradients at each chunk's start weights) or ``"call_start"`` (at the
+            weights the call started with, see "Gradient point" above).
     """
 
     def __init__(
@@ -130,6 +139,7 @@ class NeuralMemory(nn.Module):
         max_lr: float | None = None,
         grad_clip: float | None = None,
         retention: str = "initial",
+        grad_at: str = "chunk_start",
     ):
         super().__init__()
         if not (isinstance(dim, int) and isinstance(n_heads, int) and n_heads > 0) or dim % n_heads:
@@ -155,6 +165,9 @@ class NeuralMemory(nn.Module):
         if retention not in RETENTIONS:
             raise ValueError(f"retention must be one of {RETENTIONS}, got {retention!r}")
         self.retention = retention
+        if grad_at not in GRAD_POINTS:
+            raise ValueError(f"grad_at must be one of {GRAD_POINTS}, got {grad_at!r}")
+        self.grad_at = grad_at
         self.conv = ShortConv(dim, conv_size) if conv_size > 0 else None
         self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
         # per head logits of [theta, eta, alpha]; biases start at small steps, half momentum, slow forgetting
@@ -183,14 +196,20 @@ class NeuralMemory(nn.Module):
         theta = self.max_lr * torch.sigmoid(gates[0])
         return q, k, v, theta, F.logsigmoid(gates[1]), F.logsigmoid(-gates[2]), conv_cache
 
-    def _segment(self, w_grad, w_run, s_run, q, k, v, theta, log_eta, log_keep, w_star=None):
-        """Tokens of one chunk (or part of one), chunk-parallel. q, k, v: (N, n, dh); gates (N, n)."""
+    def _grad_factors(self, w_grad, k, v):
+        """Per-token gradient factors of the associative loss at ``w_grad`` (clipped), see ``memories.py``."""
         deltas, inputs = self.memory.grad_factors(w_grad, k, lambda out: 2.0 * (out - v))
         if self.grad_clip is not None:  # ||g_t||_F^2 = sum over weights of ||delta_t||^2 ||a_t||^2
             sq = sum(d.square().sum(-1) * a.square().sum(-1) for d, a in zip(deltas, inputs))
             # clamp before the root: no infinite derivative at a zero gradient in the backward
             scale = (self.grad_clip * sq.clamp_min(self.grad_clip**2).rsqrt()).unsqueeze(-1)
             deltas = [d * scale for d in deltas]
+        return deltas, inputs
+
+    def _segment(self, w_grad, w_run, s_run, q, k, v, theta, log_eta, log_keep, w_star=None, factors=None):
+        """Tokens of one chunk (or part of one), chunk-parallel. q, k, v: (N, n, dh); gates (N, n). ``factors``:
+        precomputed (deltas, inputs) of these tokens (then ``w_grad`` is unused)."""
+        deltas, inputs = self._grad_factors(w_grad, k, v) if factors is None else factors
         g = torch.stack([log_eta, log_keep]).cumsum(-1)  # (2, N, n): log E_t, log F_t
         P, D = _causal_ratio(g)  # P[j, i] = E_j / E_i, D[t, j] = F_t / F_j
         E, Fk = torch.exp(g)
@@ -236,9 +255,13 @@ class NeuralMemory(nn.Module):
             w_star = None
             if self.retention == "initial":
                 w_star = [w.to(device=x.device, dtype=dtype) for w in self.memory.init_weights(B)]
-            for n, (q_c, k_c, v_c, theta_c, log_eta_c, log_keep_c) in zip(sizes, pieces):
+            factors = [None] * len(sizes)
+            if self.grad_at == "call_start" and T:  # one batched gradient pass at the call's start weights
+                deltas, inputs = self._grad_factors(w_run, k, v)
+                factors = list(zip(*(zip(*(t.split(sizes, dim=1) for t in group)) for group in (deltas, inputs))))
+            for n, (q_c, k_c, v_c, theta_c, log_eta_c, log_keep_c), f in zip(sizes, pieces, factors):
                 y, w_run, s_run = self._segment(
-                    w_chunk, w_run, s_run, q_c, k_c, v_c, theta_c, log_eta_c, log_keep_c, w_star
+                    w_chunk, w_run, s_run, q_c, k_c, v_c, theta_c, log_eta_c, log_keep_c, w_star, f
                 )
                 outs.append(y)
                 pos += n

@@ -6,25 +6,138 @@ so that, with gamma_t = prod_{i <= t} alpha_i (inside the chunk),
     S_t = gamma_t S_0 + sum_{i <= t} (gamma_t / gamma_i) u_i k_i^T.
 Substituting S_{t-1} into u_t gives a unit-lower-triangular system for the rows of U (C, Dv):
     (I + L) U = diag(eta) V - diag(eta gamma_prev) K S_0^T,   L[t, i] = eta_t (gamma_{t-1} / gamma_i) k_t.k_i  (i < t)
-One triangular solve per chunk, independent of S_0, gives U = W1 - W2 S_0^T, and the chunk's end state is
-    S_C = gamma_C S_0 + U^T K_tail,   K_tail[i] = (gamma_C / gamma_i) k_i.
-The solves and every C x C product are batched over all chunks at once; the only Python loop is the state
-recurrence over chunks (U_n = W1_n - W2_n S^T, then S <- gamma_C S + U_n^T K_tail_n). Outputs, again batched:
+With the chunk's UT transform T = (I + L)^{-1} (one inverse per chunk, independent of S_0), U = W1 - W2 S_0^T with
+W1 = T diag(eta) V and W2 = T diag(eta gamma_prev) K, and the chunk's end state is
+    S_C = gamma_C S_0 + U^T K_tail,   K_tail[i] = (gamma_C / gamma_i) k_i,
+i.e. in the transposed state R = S^T that every product here works on, an affine map per chunk
+    R_C = A R_0 + Bc,   A = gamma_C I - K_tail^T W2  (Dk, Dk),   Bc = K_tail^T W1  (Dk, Dv).
+Everything except that recurrence over chunks is batched over all chunks at once: the inverses, the C x C
+products, A and Bc. The recurrence is one (Dk, Dk) @ (Dk, Dv) product per chunk (``chunk_scan``, with a
+hand-written backward of one product per chunk as well). Outputs, again batched:
     read="after":  o_t = gamma_t S_0 q_t + sum_{i <= t} (gamma_t / gamma_i) (q_t.k_i) u_i
     read="before": o_t = gamma_{t-1} S_0 q_t + sum_{i < t} (gamma_{t-1} / gamma_i) (q_t.k_i) u_i
+i.e. O = Q_inter R_0 + P U = (Q_inter - P W2) R_0 + P W1 with P the masked, decayed Q K^T.
 
 Decay ratios gamma_t / gamma_i come from log-cumsums g = log gamma. When every chunk's log-decay range |g_C| is
 small enough that exp(+-g) stays far from overflow, they are factored as exp(g_t) exp(-g_i) into the row and
 column scales of the matmuls (no C x C exp); otherwise the masked differences exp(g_t - g_i) are formed directly,
 which is exact for any alpha in (0, 1].
+
+Layout: chunk-major, (N, B*H, C, D), so that the per-chunk recurrence reads and writes contiguous (B*H, D, D)
+slices. Every product is X @ Y or X^T @ Y on stored operands where it matters (CPU batched gemm runs X @ Y^T
+~2.5x slower at these sizes).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from ._common import chunk_log_decay, decay_matrix, factored_decay_ok, from_chunks, to_chunks
 from ._common import scale_rows as _rows
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """Run a stretch of small dependent CPU ops on one thread (restored afterwards, also on error).
+
+    Every op of the chunk recurrence and of a batched 64 x 64 triangular solve is too small to split, yet with
+    more threads each one opens a parallel region: with passive waiting (OMP_WAIT_POLICY=PASSIVE) or cores shared
+    with other processes that costs a wake-up per op, which made both 5-10x slower at 2 threads than at 1. No effect
+    on other devices.
+    """
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def unit_lower_inverse_reference(L: torch.Tensor) -> torch.Tensor:
+    """(I + tril(L, -1))^{-1} by one triangular solve per matrix, L: (..., C, C) (only the strict lower part is
+    read). Autograd differentiates through the solve."""
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+    return torch.linalg.solve_triangular(L, eye, upper=False, unitriangular=True)
+
+
+class _UnitLowerInverse(torch.autograd.Function):
+    """X = (I + tril(L, -1))^{-1}; backward dL = tril(-X^T dX X^T, -1) (differentiable: double backward works)."""
+
+    @staticmethod
+    def forward(ctx, L):
+        with _one_thread(L.device):
+            X = unit_lower_inverse_reference(L)
+        ctx.save_for_backward(X)
+        return X
+
+    @staticmethod
+    def backward(ctx, grad):
+        (X,) = ctx.saved_tensors
+        Xt = X.mT.contiguous()
+        return -((Xt @ grad) @ Xt).tril(-1)
+
+
+def unit_lower_inverse(L: torch.Tensor) -> torch.Tensor:
+    """(I + tril(L, -1))^{-1} for L: (..., C, C) (only the strict lower part is read) with an analytic backward
+    (two matmuls instead of a second triangular solve). Equals ``unit_lower_inverse_reference``."""
+    return _UnitLowerInverse.apply(L)
+
+
+def chunk_scan_reference(A: torch.Tensor, Bc: torch.Tensor, R0: torch.Tensor) -> torch.Tensor:
+    """R_{n+1} = A_n R_n + Bc_n by autograd-tracked matmuls. A: (N, M, Dk, Dk), Bc: (N, M, Dk, Dv), R0: (M, Dk, Dv).
+
+    Returns every state, (N + 1, M, Dk, Dv): R_0 (the input) to R_N.
+    """
+    states = [R0]
+    for A_n, B_n in zip(A.unbind(0), Bc.unbind(0)):
+        states.append(torch.baddbmm(B_n, A_n, states[-1]))
+    return torch.stack(states)
+
+
+class _ChunkScan(torch.autograd.Function):
+    """``chunk_scan_reference`` with preallocated outputs and a hand-written backward:
+    dR_n = G_n + A_n^T dR_{n+1} (from dR_N = G_N), dBc_n = dR_{n+1}, dA_n = dR_{n+1} R_n^T."""
+
+    @staticmethod
+    def forward(ctx, A, Bc, R0):
+        N = A.shape[0]
+        out = R0.new_empty(N + 1, *R0.shape)
+        out[0] = R0
+        with _one_thread(R0.device):
+            for n in range(N):
+                torch.baddbmm(Bc[n], A[n], out[n], out=out[n + 1])
+        ctx.save_for_backward(A, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        A, out = ctx.saved_tensors
+        N = A.shape[0]
+        if torch.is_grad_enabled():  # create_graph: the same recursion on tracked ops, for double backward
+            grads = [grad[N]]
+            with _one_thread(out.device):
+                for n in range(N - 1, -1, -1):
+                    grads.append(torch.baddbmm(grad[n], A[n].mT, grads[-1]))
+            dR = torch.stack(grads[::-1])
+        else:
+            dR = torch.empty_like(out)
+            dR[N] = grad[N]
+            with _one_thread(out.device):
+                for n in range(N - 1, -1, -1):
+                    torch.baddbmm(grad[n], A[n].mT, dR[n + 1], out=dR[n])
+        dA = dR[1:] @ out[:-1].mT
+        return dA, dR[1:], dR[0]
+
+
+def chunk_scan(A: torch.Tensor, Bc: torch.Tensor, R0: torch.Tensor) -> torch.Tensor:
+    """Affine recurrence over chunks R_{n+1} = A_n R_n + Bc_n; shapes as in ``chunk_scan_reference``, which it
+    equals (values and gradients)."""
+    return _ChunkScan.apply(A, Bc, R0)
 
 
 def _intra_chunk_masked(q, k, eta, g, g_prev, read):
@@ -40,10 +153,8 @@ def _intra_chunk_masked(q, k, eta, g, g_prev, read):
 def delta_rule_chunk(q, k, v, eta, alpha, initial_state, chunk_size, read, dtype):
     """Chunked delta rule. q, k: (B, T, H, Dk), v: (B, T, H, Dv), eta, alpha: (B, T, H), state (B, H, Dv, Dk).
 
-    Returns o: (B, T, H, Dv) and S_T: (B, H, Dv, Dk), both in ``dtype``.
-
-    Layout: every product is arranged as X @ Y or X^T @ Y on stored operands (never X @ Y^T, which CPU batched
-    gemm runs ~2.5x slower at these sizes); hence the state is carried transposed, R = S^T: (B*H, Dk, Dv).
+    Returns o: (B, T, H, Dv) and S_T: (B, H, Dv, Dk), both in ``dtype``. Internally (N, B*H, C, D) chunks and the
+    transposed state R = S^T: (B*H, Dk, Dv).
     """
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
@@ -54,49 +165,38 @@ def delta_rule_chunk(q, k, v, eta, alpha, initial_state, chunk_size, read, dtype
     if T == 0:
         return v.new_zeros(B, 0, H, Dv, dtype=dtype), R.mT.reshape(B, H, Dv, Dk).contiguous()
     C = min(chunk_size, T)
-    q, k, v = (to_chunks(x.to(dtype), C) for x in (q, k, v))  # (BH, N, C, D), possibly strided views
-    # (BH, N, C), contiguous so that the row scalings built from it write contiguous results.
-    eta = to_chunks(eta.to(dtype), C).contiguous()
-    g, g_prev = chunk_log_decay(alpha, C, dtype)  # (BH, N, C) each, or None
-    BH, N = k.shape[:2]
+    q, k, v = (to_chunks(x.to(dtype), C, chunk_major=True) for x in (q, k, v))  # (N, BH, C, D)
+    # (N, BH, C), contiguous so that the row scalings built from it write contiguous results.
+    eta = to_chunks(eta.to(dtype), C, chunk_major=True).contiguous()
+    g, g_prev = chunk_log_decay(alpha, C, dtype, chunk_major=True)  # (N, BH, C) each, or None
+    N = k.shape[0]
 
     k_write = _rows(k, g_prev, eta)  # eta_t gamma_{t-1} k_t
     q_inter = _rows(q, g if read == "after" else g_prev)  # gamma_t q_t or gamma_{t-1} q_t
     if factored_decay_ok(g, dtype):
         # gamma_rows_t / gamma_i = exp(g_rows_t) exp(-g_i): the decays ride on the matmul operands.
-        # Columns k_i / gamma_i, stored transposed: (BH, N, Dk, C).
+        # Columns k_i / gamma_i, stored transposed: (N, BH, Dk, C).
         k_read_T = _rows(k, None if g is None else -g).mT.contiguous()
         L = k_write @ k_read_T
-        P = (q_inter @ k_read_T).tril(0 if read == "after" else -1)
+        P = (q_inter @ k_read_T).tril_(0 if read == "after" else -1)
     else:
         L, P = _intra_chunk_masked(q.contiguous(), k.contiguous(), eta, g, g_prev, read)
-        k_read_T = None
 
-    # WY representation: (I + L) W1 = eta V and (I + L) W2 = eta gamma_prev K for every chunk at once; only the
-    # strictly lower triangle of L is read. Two solves cost the same as one on [W1 W2] and skip a concatenation.
-    W1 = torch.linalg.solve_triangular(L, _rows(v, None, eta), upper=False, unitriangular=True)
-    W2 = torch.linalg.solve_triangular(L, k_write, upper=False, unitriangular=True)
+    # UT transform once per chunk, all chunks at once; only the strictly lower triangle of L is read.
+    T_inv = unit_lower_inverse(L)  # (N, BH, C, C)
+    W1 = T_inv @ _rows(v, None, eta)  # (N, BH, C, Dv)
+    W2 = T_inv @ k_write  # (N, BH, C, Dk)
 
-    # K_tail^T, columns (gamma_C / gamma_i) k_i: (BH, N, Dk, C).
-    if g is None:
-        k_tail_T = k_read_T if k_read_T is not None else k.mT.contiguous()
-        gamma = [None] * N
-    else:
-        k_tail_T = _rows(k, g[..., -1:] - g).mT
-        gamma = torch.exp(g[..., -1:]).unsqueeze(-1).unbind(1)  # gamma_C per chunk: (BH, 1, 1)
+    # K_tail^T, columns (gamma_C / gamma_i) k_i: (N, BH, Dk, C), and the chunk maps R -> A R + Bc.
+    k_tail_T = k.mT if g is None else _rows(k, g[..., -1:] - g).mT
+    A = (k_tail_T @ W2).neg_()
+    A.diagonal(dim1=-2, dim2=-1).add_(1.0 if g is None else torch.exp(g[..., -1:]))  # + gamma_C I
+    R_all = chunk_scan(A, k_tail_T @ W1, R)  # (N + 1, BH, Dk, Dv): S^T entering each chunk, then S_T^T
 
-    starts, updates = [], []
-    # unbind, not W1[:, n]: indexing would make backward allocate a full-size gradient per chunk.
-    for W1_n, W2_n, k_n, gamma_n in zip(W1.unbind(1), W2.unbind(1), k_tail_T.unbind(1), gamma):
-        starts.append(R)
-        U_n = torch.baddbmm(W1_n, W2_n, R, alpha=-1.0)  # W1 - W2 S_0^T: (BH, C, Dv)
-        updates.append(U_n)
-        # S^T <- gamma_C S_0^T + K_tail^T U
-        R = torch.baddbmm(R if gamma_n is None else gamma_n * R, k_n, U_n)
-    R0 = torch.stack(starts, dim=1).flatten(0, 1)  # (BH*N, Dk, Dv): S^T entering each chunk
-    U = torch.stack(updates, dim=1).flatten(0, 1)  # (BH*N, C, Dv)
-
-    P, q_inter = P.flatten(0, 1), q_inter.flatten(0, 1)
-    o = torch.baddbmm(q_inter @ R0, P, U)  # (BH*N, C, Dv)
-    S = R.mT.reshape(B, H, Dv, Dk).contiguous()
-    return from_chunks(o.view(BH, N, C, Dv), B, H, T).contiguous(), S
+    # o = q_inter R_0 + P U with U = W1 - W2 R_0, regrouped as (q_inter - P W2) R_0 + P W1: U is never formed
+    # and only the last product waits for the recurrence.
+    W1, W2, P, q_inter = (x.flatten(0, 1) for x in (W1, W2, P, q_inter))
+    q_state = torch.baddbmm(q_inter, P, W2, alpha=-1.0)  # (N*BH, C, Dk)
+    o = torch.baddbmm(P @ W1, q_state, R_all[:N].flatten(0, 1))  # (N*BH, C, Dv)
+    S = R_all[N].mT.reshape(B, H, Dv, Dk).contiguous()
+    return from_chunks(o.view(N, B * H, C, Dv), B, H, T, chunk_major=True).contiguous(), S

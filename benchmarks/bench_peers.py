@@ -1,0 +1,263 @@
+"""This package beside other implementations: Titans' neural memory and HOPE, training tokens/s and same-run ratios.
+
+    python benchmarks/bench_peers.py [--threads 2] [--rounds 3] [--quick]
+        [--titans-python /tmp/peer-titans/bin/python] [--hope-python /tmp/peer-hope/bin/python]
+
+The peers need their own virtual environments (the community HOPE installs as ``nested_learning`` too):
+
+    python3 -m venv /tmp/peer-titans && /tmp/peer-titans/bin/pip install torch==2.13.0 titans-pytorch==0.5.5
+    python3 -m venv /tmp/peer-hope && /tmp/peer-hope/bin/pip install torch==2.13.0 nested-learning==0.2.0
+
+A peer whose interpreter is missing is skipped. Every measurement runs in a fresh subprocess of the right
+interpreter (this file, ``--worker NAME``), and the workers take turns round by round: the fastest time of each over
+all rounds is kept, so a busy period on a shared machine slows all of them alike. Batch 1, fp32, CPU.
+
+1. Titans' neural memory, forward + backward of ``y.pow(2).mean()`` at T = 512, 2048, 8192:
+   ours ``NeuralMemory(256, n_heads=4, chunk_size=64, expansion=4)`` (Eq 90 exact: each chunk's gradient at its
+   own start weights; also with ``grad_at="call_start"``, titans-pytorch's rule) against titans-pytorch 0.5.5
+   ``NeuralMemory(dim=256, chunk_size=64, heads=4, dim_head=64)`` (every chunk's gradient at the weights the call
+   started with).
+2. HOPE, one training step at T = 512, 2048: ours ``build_model("hope", "tiny", vocab_size=32000)`` (dim 128, 2
+   layers, 4 heads, default chunks) doing ``model(x, labels=x).loss.backward()``; the community HOPE's
+   ``pilot_smoke`` config (dim 128, 2 layers, 4 heads, vocab 32000) doing its training step with memory writes
+   (``training.run_training_loop`` without online chunking: forward with block outputs, cross-entropy, per-layer
+   teach signals, backward, then the no-grad forward that writes the memories); a Transformer++ with as many
+   parameters as our HOPE (its MLP widened to match). No optimizer step in any of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first import of torch
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MEMORY_LENGTHS = (512, 2048, 8192)
+HOPE_LENGTHS = (512, 2048)
+VOCAB = 32000
+
+
+# ------------------------------------------------------------------------------------------------ workers
+def _time(step, reps: int) -> float:
+    step()  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _memory_step(layer, x):
+    def step():
+        y = layer(x)
+        y = y[0] if isinstance(y, tuple) else y
+        y.pow(2).mean().backward()
+        layer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def worker_ours_memory(T: int, grad_at: str = "chunk_start"):
+    from nested_learning.memory import NeuralMemory
+
+    layer = NeuralMemory(256, n_heads=4, chunk_size=64, expansion=4, grad_at=grad_at)
+    return _memory_step(layer, _randn(T))
+
+
+def worker_ours_memory_call_start(T: int):
+    return worker_ours_memory(T, grad_at="call_start")
+
+
+def worker_titans(T: int):
+    from titans_pytorch import NeuralMemory
+
+    return _memory_step(NeuralMemory(dim=256, chunk_size=64, heads=4, dim_head=64), _randn(T))
+
+
+def _randn(T):
+    import torch
+
+    return torch.randn(1, T, 256)
+
+
+def _lm_step(model, T: int):
+    import torch
+
+    x = torch.randint(0, VOCAB, (1, T))
+
+    def step():
+        model(x, labels=x).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def worker_ours_hope(T: int):
+    from nested_learning.models.registry import build_model
+
+    return _lm_step(build_model("hope", "tiny", vocab_size=VOCAB), T)
+
+
+def equal_size_transformer():
+    """Transformer++ 'tiny' (dim 128, 2 layers, 4 heads) with the MLP width that matches our HOPE's parameters."""
+    from nested_learning.models.registry import build_model
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    def with_hidden(h):
+        return build_model("transformer", "tiny", vocab_size=VOCAB, mlp_hidden=h)
+
+    target = count(build_model("hope", "tiny", vocab_size=VOCAB))
+    at_64, at_128 = count(with_hidden(64)), count(with_hidden(128))  # parameters are linear in the MLP width
+    hidden = 64 + round((target - at_64) / (at_128 - at_64) * 64)
+    return with_hidden(hidden), target
+
+
+def worker_transformer(T: int):
+    model, _ = equal_size_transformer()
+    return _lm_step(model, T)
+
+
+def worker_community_hope(T: int):
+    import importlib.resources
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from nested_learning import training
+
+    path = importlib.resources.files("nested_learning") / "configs" / "pilot_smoke.yaml"
+    cfg = OmegaConf.load(str(path))
+    model = training.build_model_from_cfg(cfg.model)
+    model.train()
+    tokens = torch.randint(0, VOCAB, (1, T))
+
+    def step():  # run_training_loop's step without online chunking and without the optimizer
+        logits, _pre, block_outputs = model.forward_with_block_outputs(tokens)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
+                                                 tokens[:, 1:].reshape(-1))
+        teach_signals = training._compute_layer_teach_signals(loss, block_outputs)
+        loss.backward()
+        with torch.no_grad():
+            model(tokens, teach_signals=teach_signals, surprise_value=None, fast_state=None)
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+WORKERS = {
+    "ours_memory": worker_ours_memory,
+    "ours_memory_call_start": worker_ours_memory_call_start,
+    "titans": worker_titans,
+    "ours_hope": worker_ours_hope,
+    "transformer": worker_transformer,
+    "community_hope": worker_community_hope,
+}
+
+
+def run_worker(name: str, lengths: list[int], threads: int, reps: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    out = {}
+    for T in lengths:
+        out[T] = _time(WORKERS[name](T), reps)
+    print("RESULT " + json.dumps(out))
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def call(python: str, name: str, lengths, threads: int, reps: int, env_src: bool) -> dict | None:
+    env = dict(os.environ)
+    if env_src:
+        env["PYTHONPATH"] = str(ROOT / "src")
+    else:  # a peer venv must not see this package (the community HOPE has the same import name)
+        env.pop("PYTHONPATH", None)
+    cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--threads", str(threads), "--reps", str(reps),
+           "--lengths", *map(str, lengths)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/tmp")
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return {int(k): v for k, v in json.loads(line[7:]).items()}
+    print(f"  {name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+    return None
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--reps", type=int, default=2, help="timed runs per worker call (fastest kept)")
+    p.add_argument("--quick", action="store_true", help="T = 512 only, one round")
+    p.add_argument("--titans-python", default="/tmp/peer-titans/bin/python")
+    p.add_argument("--hope-python", default="/tmp/peer-hope/bin/python")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--lengths", type=int, nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        run_worker(args.worker, args.lengths, args.threads, args.reps)
+        return 0
+
+    rounds = 1 if args.quick else args.rounds
+    mem_lengths = [512] if args.quick else list(MEMORY_LENGTHS)
+    hope_lengths = [512] if args.quick else list(HOPE_LENGTHS)
+    ours = sys.executable
+    jobs = {  # name: (interpreter, lengths, runs on this checkout's sources)
+        "ours_memory": (ours, mem_lengths, True),
+        "ours_memory_call_start": (ours, mem_lengths, True),
+        "titans": (args.titans_python, mem_lengths, False),
+        "ours_hope": (ours, hope_lengths, True),
+        "transformer": (ours, hope_lengths, True),
+        "community_hope": (args.hope_python, hope_lengths, False),
+    }
+    jobs = {k: v for k, v in jobs.items() if Path(v[0]).exists() or print(f"skipped {k}: no {v[0]}")}
+    best: dict[str, dict] = {}
+    for r in range(rounds):
+        for name, (python, lengths, src) in jobs.items():
+            res = call(python, name, lengths, args.threads, args.reps, src)
+            if res is None:
+                continue
+            prev = best.setdefault(name, {})
+            for T, s in res.items():
+                prev[T] = min(prev.get(T, float("inf")), s)
+        print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+
+    def rate(name, T):
+        s = best.get(name, {}).get(T)
+        return None if s is None else T / s
+
+    def fmt(x, ratio=False):
+        return f"{'-':>10}" if x is None else (f"{x:>9.2f}x" if ratio else f"{x:>10.0f}")
+
+    def ratio(a, b):
+        return None if a is None or b is None else a / b
+
+    print(f"\nbatch 1, fp32, {args.threads} threads, fastest of {rounds} rounds x {args.reps} runs, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print("\nTitans neural memory, forward+backward tokens/s")
+    print(f"{'T':>6} {'ours (Eq 90)':>12} {'ours (call start)':>17} {'titans-pytorch':>14} {'Eq 90 / titans':>14}"
+          f" {'call start / titans':>19}")
+    for T in mem_lengths:
+        a, b, c = rate("ours_memory", T), rate("ours_memory_call_start", T), rate("titans", T)
+        print(f"{T:>6} {fmt(a):>12} {fmt(b):>17} {fmt(c):>14} {fmt(ratio(a, c), True):>14}"
+              f" {fmt(ratio(b, c), True):>19}")
+    print("\nHOPE training step (dim 128, 2 layers, vocab 32000), tokens/s")
+    print(f"{'T':>6} {'ours':>10} {'community':>10} {'Transformer++':>14} {'ours / community':>17}"
+          f" {'ours / T++':>11}")
+    for T in hope_lengths:
+        a, b, c = rate("ours_hope", T), rate("community_hope", T), rate("transformer", T)
+        print(f"{T:>6} {fmt(a)} {fmt(b)} {fmt(c):>14} {fmt(ratio(a, b), True):>17} {fmt(ratio(a, c), True):>11}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
