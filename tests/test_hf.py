@@ -13,11 +13,11 @@ from nested_learning.models import build_model, model_names  # noqa: E402
 
 VOCAB = 64
 SMALL = {
-    "hope": dict(dim=32, n_layers=2, n_heads=2, chunk_sizes=[4, 8]),
-    "hope_attention": dict(dim=32, n_layers=2, n_heads=2, chunk_sizes=[4, 8]),
-    "transformer": dict(dim=32, n_layers=2, n_heads=2),
-    "titans": dict(dim=32, n_layers=2, n_heads=2, chunk_size=8),
-    "deltanet": dict(dim=32, n_layers=2, n_heads=2, chunk_size=8),
+    "hope": dict(dim=32, n_layers=1, n_heads=2, chunk_sizes=[4, 8]),
+    "hope_attention": dict(dim=32, n_layers=1, n_heads=2, chunk_sizes=[4, 8]),
+    "transformer": dict(dim=32, n_layers=1, n_heads=2),
+    "titans": dict(dim=32, n_layers=1, n_heads=2, chunk_size=8),
+    "deltanet": dict(dim=32, n_layers=1, n_heads=2, chunk_size=8),
 }
 
 
