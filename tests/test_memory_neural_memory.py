@@ -44,6 +44,22 @@ def reference_reads(layer: NeuralMemory, x: torch.Tensor, fn):
     return reads, M, S
 
 
+def _assert_reads_equal_the_token_loop(layer, fn, momentum: bool):
+    """The layer's reads and final weights (and momenta) on 11 random tokens equal ``reference_reads`` (fp64);
+    returns the tokens and the reads."""
+    x = torch.randn(2, 11, 8, dtype=torch.float64)
+    with torch.no_grad():
+        reads, state = layer.read(x)
+    ref, M, S = reference_reads(layer, x, fn)
+    torch.testing.assert_close(reads, ref, rtol=0, atol=1e-10)
+    for n in range(reads.shape[0]):
+        for i in range(len(M[n])):
+            torch.testing.assert_close(state.weights[i][n], M[n][i], rtol=0, atol=1e-10)
+            if momentum:
+                torch.testing.assert_close(state.momentum[i][n], S[n][i], rtol=0, atol=1e-10)
+    return x, reads
+
+
 @pytest.mark.parametrize("memory,fn", [("mlp", _mlp), ("linear", _linear)])
 @pytest.mark.parametrize("chunk_size", [1, 3, 5])
 @pytest.mark.parametrize("grad_clip", [None, 0.5])
@@ -62,15 +78,7 @@ def test_chunk_parallel_equals_token_loop(memory, fn, chunk_size, grad_clip, ret
     with torch.no_grad():  # large, varied gates so momentum and decay matter
         layer.to_gates.weight.normal_(0, 1.0)
         layer.to_gates.bias.zero_()
-    x = torch.randn(2, 11, 8, dtype=torch.float64)
-    with torch.no_grad():
-        reads, state = layer.read(x)
-    ref, M, S = reference_reads(layer, x, fn)
-    torch.testing.assert_close(reads, ref, rtol=0, atol=1e-10)
-    for n in range(reads.shape[0]):
-        for i in range(len(M[n])):
-            torch.testing.assert_close(state.weights[i][n], M[n][i], rtol=0, atol=1e-10)
-            torch.testing.assert_close(state.momentum[i][n], S[n][i], rtol=0, atol=1e-10)
+    _assert_reads_equal_the_token_loop(layer, fn, momentum=True)
 
 
 def test_memory_architectures_match_eq89():
@@ -185,14 +193,7 @@ def test_call_start_gradients_equal_their_token_loop(memory, fn, grad_clip):
     with torch.no_grad():
         layer.to_gates.weight.normal_(0, 1.0)
         layer.to_gates.bias.zero_()
-    x = torch.randn(2, 11, 8, dtype=torch.float64)
-    with torch.no_grad():
-        reads, state = layer.read(x)
-    ref, M, S = reference_reads(layer, x, fn)
-    torch.testing.assert_close(reads, ref, rtol=0, atol=1e-10)
-    for n in range(reads.shape[0]):
-        for i in range(len(M[n])):
-            torch.testing.assert_close(state.weights[i][n], M[n][i], rtol=0, atol=1e-10)
+    x, reads = _assert_reads_equal_the_token_loop(layer, fn, momentum=False)
     exact = NeuralMemory(8, n_heads=2, chunk_size=3, memory=memory, max_lr=0.5, grad_clip=grad_clip).double()
     exact.load_state_dict(layer.state_dict())
     with torch.no_grad():
