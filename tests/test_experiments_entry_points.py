@@ -78,3 +78,13 @@ def test_niah_beyond_the_context_limit_is_not_applicable():
     r = evaluate(model, cfg)
     assert r["exact_match"]["s_niah_1"]["400"] is None  # n/a, not a crash
     assert r["exact_match"]["s_niah_1"]["160"] is not None
+
+
+@pytest.mark.parametrize("module", ["continual", "language_modeling", "long_context", "synthetic_suite",
+                                    "transfer_ablation"])
+def test_python_m_runs_the_entry_point(module, monkeypatch):
+    # `python -m nested_learning.evaluation.<module>` must reach main(), not import the module and exit silently
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module(f"nested_learning.evaluation.{module}", run_name="__main__")
+    assert exit_info.value.code == 0

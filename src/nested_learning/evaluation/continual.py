@@ -205,3 +205,7 @@ def main(argv: list[str] | None = None) -> int:
               f"BWT {r['backward_transfer']}")
     print(f"wrote {out}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -146,3 +146,7 @@ def main(argv: list[str] | None = None) -> int:
           f"reset {s['reset']:.1f}, updates on {s['updates_on']}, off {s['updates_off']}")
     print(f"wrote {out}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -185,3 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{task:9s} {cells}")
     print(f"wrote {out}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

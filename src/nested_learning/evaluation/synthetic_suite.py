@@ -86,3 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{t:18s} answer-token accuracy {r['token_accuracy']:.3f}  exact {r['exact_match']:.3f}")
     print(f"wrote {out}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -132,3 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(summary))
     print(f"wrote {out}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
