@@ -1,6 +1,7 @@
 """The pretrained report end to end on a tiny random Llama read with the GPT-2 tokenizer: every suite runs, every
 table and plot it links exists, and the Hope-ified model's frozen condition equals the original."""
 
+import dataclasses
 import json
 
 import pytest
@@ -34,7 +35,7 @@ def test_tiny_pretrained_report_runs_every_suite(tmp_path, methods):
         continual=CLConfig(n_tasks=2, classes_per_task=2, train_per_class=1, test_per_class=1, epochs=1,
                            batch_size=2, fisher_samples=1, max_text_tokens=8, score_updates=False,
                            methods=methods),
-        niah_tasks=("s_niah_1",), niah_lengths=(96,), niah_n=1, niah_seeds=(0,), progress=False,
+        niah_tasks=("s_niah_1",), niah_lengths=(64, 96), niah_n=1, niah_seeds=(0,), progress=False,
     )
     hope = hopeify(hf, tokenizer=tok, window=cfg.window, **cfg.hope)
     hope.set_test_time_updates(False)
@@ -46,11 +47,22 @@ def test_tiny_pretrained_report_runs_every_suite(tmp_path, methods):
     run0 = results["continual"]["clinc_seed0"]["methods"]
     assert set(run0) == set(methods)
     assert run0["memory"]["test_time_updates"] is True and run0["stream_frozen"]["test_time_updates"] is False
-    assert "s_niah_1|96|cms_on" in results["niah"]["seed0"]
+    assert {"s_niah_1|64|cms_on", "s_niah_1|96|original_full_window"} <= set(results["niah"]["seed0"])
     report = (tmp_path / "REPORT_pretrained.md").read_text()
-    for link in ("plots/pretrained_stream.png", "plots/pretrained_continual.png"):
+    for link in ("plots/pretrained_stream.png", "plots/pretrained_continual.png", "plots/pretrained_niah.png"):
         assert link in report and (tmp_path / link).is_file()
     assert json.loads((tmp_path / "pretrained_report.json").read_text())["config"]["window"] == 32
+    # each NIAH length is cached on its own: a rerun with one more length computes only that one
+    first = (tmp_path / "runs" / "niah_seed0_len64.json").read_text()
+    again = run(dataclasses.replace(cfg, suites=("niah",), niah_lengths=(64, 96, 128)), tmp_path, models=models)
+    assert (tmp_path / "runs" / "niah_seed0_len64.json").read_text() == first
+    assert "s_niah_1|128|cms_on" in again["niah"]["seed0"]
+    # an earlier all-lengths file (one per seed) still serves the lengths it covers
+    legacy = {k: dict(v, recall=0.25) for k, v in again["niah"]["seed0"].items() if k.split("|")[1:2] == ["96"]}
+    (tmp_path / "runs" / "niah_seed0.json").write_text(json.dumps(legacy))
+    (tmp_path / "runs" / "niah_seed0_len96.json").unlink()
+    reused = run(dataclasses.replace(cfg, suites=("niah",)), tmp_path, models=models)["niah"]["seed0"]
+    assert reused["s_niah_1|96|cms_on"]["recall"] == 0.25 and not (tmp_path / "runs" / "niah_seed0_len96.json").exists()
 
 
 @pytest.mark.slow

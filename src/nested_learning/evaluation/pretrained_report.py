@@ -80,9 +80,10 @@ def build_models(cfg: PretrainedReportConfig, checkpoint: str | None = None):
 
 
 # ------------------------------------------------------------------------------------------------ NIAH
-def niah(hope, original, cfg: PretrainedReportConfig, seed: int) -> dict:
-    """Exact match and recall per task and length: Hope with CMS updates on, frozen, the original model with the
-    same window, and the original reading the whole haystack (its full window: the reference no window limits)."""
+def niah(hope, original, cfg: PretrainedReportConfig, seed: int, lengths=None) -> dict:
+    """Exact match and recall per task and length (``lengths``, default ``cfg.niah_lengths``): Hope with CMS
+    updates on, frozen, the original model with the same window, and the original reading the whole haystack (its
+    full window: the reference no window limits)."""
     from nested_learning.data.niah import make_instance
     from nested_learning.evaluation.long_context import greedy_answer, score
     from nested_learning.evaluation.pretrained_stream import with_window
@@ -92,7 +93,7 @@ def niah(hope, original, cfg: PretrainedReportConfig, seed: int) -> dict:
     models = {"cms_on": (hope, True, cfg.window), "cms_frozen": (hope, False, cfg.window),
               "original": (original, False, cfg.window), "original_full_window": (original, False, full)}
     for task in cfg.niah_tasks:
-        for length in cfg.niah_lengths:
+        for length in cfg.niah_lengths if lengths is None else lengths:
             insts = [make_instance(task, length, seed, i, "test", tokenizer=hope.tokenizer) for i in range(cfg.niah_n)]
             for name, (m, learn, window) in models.items():
                 with_window(m, window)
@@ -137,13 +138,36 @@ def run(cfg: PretrainedReportConfig, out_dir: str | Path, resume: bool = True, m
             for b in cfg.benchmarks for s in cfg.seeds
         }
     if "niah" in cfg.suites:
-        results["niah"] = {f"seed{s}": cached(f"niah_seed{s}", lambda s=s: niah(hope, original, cfg, s))
+        results["niah"] = {f"seed{s}": _niah_seed(cfg, s, runs, resume, cached, hope, original)
                            for s in cfg.niah_seeds}
     write_json(out / "pretrained_report.json", results)
     from nested_learning.evaluation.pretrained_tables import write_report
 
     write_report(results, out)
     return results
+
+
+def _niah_seed(cfg, seed, runs: Path, resume: bool, cached, hope, original) -> dict:
+    """One seed's NIAH cells for every length, each length cached on its own (``niah_seed{s}_len{L}``) so that a
+    rerun with more lengths computes only the new ones; cells of an earlier all-lengths file (``niah_seed{s}``)
+    are reused where they cover a length and every asked task (with all the tasks they hold)."""
+    legacy = runs / f"niah_seed{seed}.json"
+    old = json.loads(legacy.read_text()) if resume and legacy.is_file() else {}
+    merged, seconds = {}, 0.0
+    for length in cfg.niah_lengths:
+        keys = [k for k in old if k != "seconds" and k.split("|")[1] == str(length)]
+        if {k.split("|")[0] for k in keys} >= set(cfg.niah_tasks):
+            cells = {k: old[k] for k in keys}
+        else:
+            cells = cached(f"niah_seed{seed}_len{length}", lambda n=length: niah(hope, original, cfg, seed, (n,)))
+            seconds += cells.get("seconds", 0.0)
+        merged.update({k: v for k, v in cells.items() if k != "seconds"})
+    merged["seconds"] = seconds
+    return merged
+
+
+def _ints(text: str) -> tuple:
+    return tuple(int(x) for x in text.split(",") if x)
 
 
 def _jsonable(value):
@@ -161,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=None, help="attention window in tokens")
     p.add_argument("--text", default=None, help="a text file to read for streaming perplexity instead of the corpus")
     p.add_argument("--checkpoint", default=None, help="a trainer run of a Hope-ified model (continual pre-training)")
+    p.add_argument("--niah_tasks", default=None, help="comma-separated NIAH tasks (default: all six)")
+    p.add_argument("--niah_lengths", default=None, help="comma-separated haystack lengths in tokens (default 1024)")
+    p.add_argument("--niah_n", type=int, default=None, help="NIAH instances per task, length and seed")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no_resume", action="store_true")
     args = p.parse_args(argv)
@@ -174,9 +201,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.benchmarks:
         cfg.benchmarks = tuple(b for b in args.benchmarks.split(",") if b)
     if args.seeds:
-        cfg.seeds = cfg.niah_seeds = tuple(int(s) for s in args.seeds.split(","))
+        cfg.seeds = cfg.niah_seeds = _ints(args.seeds)
     if args.window:
         cfg.window = args.window
+    if args.niah_tasks:
+        from nested_learning.data.niah import NIAH_TASKS
+
+        cfg.niah_tasks = tuple(t for t in args.niah_tasks.split(",") if t)
+        if not cfg.niah_tasks or set(cfg.niah_tasks) - set(NIAH_TASKS):
+            p.error(f"--niah_tasks must name tasks of {NIAH_TASKS}, got {args.niah_tasks!r}")
+    if args.niah_lengths:
+        cfg.niah_lengths = _ints(args.niah_lengths)
+    if args.niah_n:
+        cfg.niah_n = args.niah_n
+    if min(cfg.niah_lengths, default=1) < 1:
+        p.error(f"--niah_lengths must be positive, got {args.niah_lengths!r}")
     cfg.text_file = args.text
     run(cfg, args.out_dir, resume=not args.no_resume, checkpoint=args.checkpoint)
     print(f"wrote {Path(args.out_dir) / 'REPORT_pretrained.md'}")

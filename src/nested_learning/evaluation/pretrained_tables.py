@@ -114,7 +114,43 @@ def plots(results: dict, out: Path) -> list[str]:
         fig.savefig(out / "plots" / "pretrained_continual.png", dpi=120)
         plt.close(fig)
         made.append("plots/pretrained_continual.png")
+    if "niah" in results:
+        path = _niah_plot(results["niah"], out, plt)
+        if path:
+            made.append(path)
     return made
+
+
+def _niah_plot(niah: dict, out: Path, plt) -> str | None:
+    """Recall against haystack length per condition, mean over the tasks measured at every length and seeds."""
+    cells: dict = {}
+    for run in niah.values():
+        for key, v in run.items():
+            if key != "seconds":
+                task, length, cond = key.split("|")
+                cells.setdefault(cond, {}).setdefault(int(length), {}).setdefault(task, []).append(v["recall"])
+    lengths = sorted({n for by_len in cells.values() for n in by_len})
+    if len(lengths) < 2:
+        return None
+    tasks = set.intersection(*(set(by_task) for by_len in cells.values() for by_task in by_len.values()))
+    if not tasks:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for cond in ("original_full_window", "original", "cms_frozen", "cms_on"):
+        if cond in cells:
+            ys = [np.mean([np.mean(cells[cond][n][t]) for t in tasks]) if n in cells[cond] else np.nan
+                  for n in lengths]
+            ax.plot(lengths, ys, marker="o", label=cond)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_xlabel("haystack length (tokens)")
+    ax.set_ylabel("recall, mean over " + ", ".join(sorted(tasks)))
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "plots" / "pretrained_niah.png", dpi=120)
+    plt.close(fig)
+    return "plots/pretrained_niah.png"
 
 
 def write_report(results: dict, out: Path) -> Path:
