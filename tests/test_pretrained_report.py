@@ -30,7 +30,7 @@ def test_tiny_pretrained_report_runs_every_suite(tmp_path, methods):
     hf = transformers.LlamaForCausalLM(cfg_hf).eval()
     cfg = PretrainedReportConfig(
         model="tiny", hope={"chunk_sizes": (8, 16), "scheme": "copies", "inner_lr": 0.1}, window=32, seeds=(0,),
-        stream=PretrainedStreamConfig(n_docs=1, min_tokens=96, max_tokens=96, piece=32, windows=(32,)),
+        stream=PretrainedStreamConfig(n_docs=1, min_tokens=96, max_tokens=96, piece=32, windows=(16, 32)),
         benchmarks=("clinc",),
         continual=CLConfig(n_tasks=2, classes_per_task=2, train_per_class=1, test_per_class=1, epochs=1,
                            batch_size=2, fisher_samples=1, max_text_tokens=8, score_updates=False,
@@ -57,6 +57,20 @@ def test_tiny_pretrained_report_runs_every_suite(tmp_path, methods):
     again = run(dataclasses.replace(cfg, suites=("niah",), niah_lengths=(64, 96, 128)), tmp_path, models=models)
     assert (tmp_path / "runs" / "niah_seed0_len64.json").read_text() == first
     assert "s_niah_1|128|cms_on" in again["niah"]["seed0"]
+    # so is each stream window
+    first = (tmp_path / "runs" / "stream_w16.json").read_text()
+    wider = dataclasses.replace(cfg.stream, windows=(16, 32, 48))
+    wide = run(dataclasses.replace(cfg, suites=("stream",), stream=wider), tmp_path, models=models)["stream"]
+    assert (tmp_path / "runs" / "stream_w16.json").read_text() == first
+    assert wide["perplexity"]["cms_frozen@16"] == pytest.approx(ppl["cms_frozen@16"])
+    assert wide["perplexity"]["cms_frozen@48"] == pytest.approx(wide["perplexity"]["original@48"], rel=1e-4)
+    # and an earlier all-windows file serves the windows it holds
+    (tmp_path / "runs" / "stream.json").write_text(json.dumps(wide))
+    (tmp_path / "runs" / "stream_w32.json").unlink()
+    narrow = dataclasses.replace(cfg.stream, windows=(32,))
+    reread = run(dataclasses.replace(cfg, suites=("stream",), stream=narrow), tmp_path, models=models)["stream"]
+    assert reread["perplexity"]["cms_on@32"] == wide["perplexity"]["cms_on@32"]
+    assert not (tmp_path / "runs" / "stream_w32.json").exists()
     # an earlier all-lengths file (one per seed) still serves the lengths it covers
     legacy = {k: dict(v, recall=0.25) for k, v in again["niah"]["seed0"].items() if k.split("|")[1:2] == ["96"]}
     (tmp_path / "runs" / "niah_seed0.json").write_text(json.dumps(legacy))

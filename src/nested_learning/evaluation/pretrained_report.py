@@ -26,6 +26,7 @@ from nested_learning.evaluation.pretrained_stream import (
     held_out_documents,
     original_with_window,
     run_pretrained_stream,
+    summarise_stream,
 )
 
 # the Hope-ified model of the report: the MLPs of the top half of the layers become two levels (C = 64, 256), copies
@@ -128,8 +129,7 @@ def run(cfg: PretrainedReportConfig, out_dir: str | Path, resume: bool = True, m
     if "stream" in cfg.suites:
         docs = held_out_documents(tok, cfg.stream.n_docs, cfg.stream.min_tokens, cfg.stream.max_tokens,
                                   cfg.text_file)
-        stream_cfg = dataclasses.replace(cfg.stream, progress=cfg.progress)
-        results["stream"] = cached("stream", lambda: run_pretrained_stream(hope, docs, stream_cfg, original))
+        results["stream"] = _stream(cfg, docs, runs, resume, hope, original)
     if "continual" in cfg.suites:
         cl_cfg = dataclasses.replace(cfg.continual, progress=cfg.progress)
         results["continual"] = {
@@ -145,6 +145,37 @@ def run(cfg: PretrainedReportConfig, out_dir: str | Path, resume: bool = True, m
 
     write_report(results, out)
     return results
+
+
+def _stream(cfg, docs, runs: Path, resume: bool, hope, original) -> dict:
+    """Streaming perplexity at every window of ``cfg.stream.windows``, each window cached on its own
+    (``stream_w{W}``, with the documents' source) so that a rerun with more windows computes only the new ones;
+    windows that an earlier all-windows file (``stream``) holds with the same settings and source are reused."""
+    stream_cfg = dataclasses.replace(cfg.stream, progress=cfg.progress)
+    source = cfg.text_file or "corpus test split"
+    settings = _jsonable({k: v for k, v in dataclasses.asdict(cfg.stream).items() if k not in ("windows", "progress")})
+    legacy = runs / "stream.json"
+    old = json.loads(legacy.read_text()) if resume and legacy.is_file() else None
+    same = (old is not None and old.get("source", "corpus test split") == source
+            and all(old["config"].get(k) == v for k, v in settings.items()))
+    rows, seconds = [], 0.0
+    for window in cfg.stream.windows:
+        held = [r for r in old["rows"] if r["window"] == window] if same else []
+        if held and {r["condition"] for r in held} >= set(cfg.stream.conditions):
+            rows += held
+            continue
+        path = runs / f"stream_w{window}.json"
+        part = json.loads(path.read_text()) if resume and path.is_file() else None
+        if part is None or part.get("source") != source or any(part["config"].get(k) != v for k, v in settings.items()):
+            t0 = time.perf_counter()
+            part = run_pretrained_stream(hope, docs, dataclasses.replace(stream_cfg, windows=(window,)), original)
+            part.update(source=source, seconds=time.perf_counter() - t0)
+            write_json(path, part)
+        rows += part["rows"]
+        seconds += part.get("seconds", 0.0)
+    result = summarise_stream(rows, stream_cfg)
+    result.update(source=source, seconds=seconds)
+    return result
 
 
 def _niah_seed(cfg, seed, runs: Path, resume: bool, cached, hope, original) -> dict:
@@ -185,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=None, help="attention window in tokens")
     p.add_argument("--text", default=None, help="a text file to read for streaming perplexity instead of the corpus")
     p.add_argument("--checkpoint", default=None, help="a trainer run of a Hope-ified model (continual pre-training)")
+    p.add_argument("--stream_windows", default=None, help="comma-separated attention windows of the streaming "
+                   "perplexity (default: --window)")
     p.add_argument("--niah_tasks", default=None, help="comma-separated NIAH tasks (default: all six)")
     p.add_argument("--niah_lengths", default=None, help="comma-separated haystack lengths in tokens (default 1024)")
     p.add_argument("--niah_n", type=int, default=None, help="NIAH instances per task, length and seed")
@@ -204,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.seeds = cfg.niah_seeds = _ints(args.seeds)
     if args.window:
         cfg.window = args.window
+    cfg.stream.windows = _ints(args.stream_windows) if args.stream_windows else (cfg.window,)
     if args.niah_tasks:
         from nested_learning.data.niah import NIAH_TASKS
 

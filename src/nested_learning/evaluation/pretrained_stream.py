@@ -152,6 +152,11 @@ def run_pretrained_stream(hope, docs: list[list[int]], cfg: PretrainedStreamConf
             nll, n = stream_nll(with_window(hope, window), docs[d], cfg.piece, learn=cond == "cms_on")
         rows.append({"window": window, "condition": cond, "doc": d, "nll": nll, "tokens": n,
                      "perplexity": math.exp(nll / n), "seconds": time.perf_counter() - t0})
+    return summarise_stream(rows, cfg)
+
+
+def summarise_stream(rows: list[dict], cfg: PretrainedStreamConfig) -> dict:
+    """The stream result from its per-document rows: perplexity per condition and window over all documents."""
     summary = {}
     for window in cfg.windows:
         for cond in cfg.conditions:
