@@ -88,21 +88,24 @@ def niah(hope, original, cfg: PretrainedReportConfig, seed: int, lengths=None) -
     from nested_learning.data.niah import make_instance
     from nested_learning.evaluation.long_context import greedy_answer, score
     from nested_learning.evaluation.pretrained_stream import with_window
+    from nested_learning.progress import progress
 
     out = {}
     full = int(original.hf_config.max_position_embeddings)
     models = {"cms_on": (hope, True, cfg.window), "cms_frozen": (hope, False, cfg.window),
               "original": (original, False, cfg.window), "original_full_window": (original, False, full)}
-    for task in cfg.niah_tasks:
-        for length in cfg.niah_lengths if lengths is None else lengths:
-            insts = [make_instance(task, length, seed, i, "test", tokenizer=hope.tokenizer) for i in range(cfg.niah_n)]
-            for name, (m, learn, window) in models.items():
-                with_window(m, window)
-                m.set_test_time_updates(learn)
-                res = [score(i, greedy_answer(m, i.input_ids, len(i.answer_ids), 512), hope.tokenizer) for i in insts]
-                out[f"{task}|{length}|{name}"] = {"exact_match": float(np.mean([r[0] for r in res])),
-                                                   "recall": float(np.mean([r[1] for r in res])),
-                                                   "sample": res[0][2]}
+    jobs = [(t, n) for t in cfg.niah_tasks for n in (cfg.niah_lengths if lengths is None else lengths)]
+    bar = progress(jobs, desc=f"NIAH seed {seed}", disable=not cfg.progress)
+    for task, length in bar:
+        bar.set_postfix_str(f"{task} at {length} tokens")
+        insts = [make_instance(task, length, seed, i, "test", tokenizer=hope.tokenizer) for i in range(cfg.niah_n)]
+        for name, (m, learn, window) in models.items():
+            with_window(m, window)
+            m.set_test_time_updates(learn)
+            res = [score(i, greedy_answer(m, i.input_ids, len(i.answer_ids), 512), hope.tokenizer) for i in insts]
+            out[f"{task}|{length}|{name}"] = {"exact_match": float(np.mean([r[0] for r in res])),
+                                               "recall": float(np.mean([r[1] for r in res])),
+                                               "sample": res[0][2]}
     hope.set_test_time_updates(False)
     with_window(original, cfg.window)
     return out
