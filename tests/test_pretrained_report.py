@@ -113,3 +113,17 @@ def test_dynamic_evaluation_is_sgd_on_the_mlp_after_each_scored_piece():
     assert first_learned == pytest.approx(first_piece, rel=1e-5)  # a piece is scored before anything learns from it
     assert learned < base  # a repeated pattern: the SGD steps on the MLPs lower its loss
     assert torch.equal(original.blocks[0].cms.down[0].weight, hf.model.layers[0].mlp.down_proj.weight)  # a copy
+
+
+@pytest.mark.parametrize("argv", [["--niah_tasks", "s_niah_9"], ["--methods", "finetune,replay"],
+                                  ["--niah_lengths", "0"]])
+def test_bad_report_options_fail_before_any_model_loads(argv, monkeypatch):
+    from nested_learning.evaluation import pretrained_report
+
+    def fail(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(pretrained_report, "run", fail)
+    with pytest.raises(SystemExit) as e:
+        pretrained_report.main(argv)
+    assert e.value.code == 2

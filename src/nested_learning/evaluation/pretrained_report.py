@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--suites", default=None, help="comma-separated subset of stream,continual,niah")
     p.add_argument("--benchmarks", default=None, help="comma-separated continual-learning sets")
     p.add_argument("--seeds", default=None, help="comma-separated seeds")
+    p.add_argument("--methods", default=None, help="comma-separated continual-learning methods (default: all of "
+                   + ",".join(ALL_METHODS) + ")")
+    p.add_argument("--ewc_lambda", type=float, default=None, help="EWC penalty weight (default 1000)")
     p.add_argument("--window", type=int, default=None, help="attention window in tokens")
     p.add_argument("--text", default=None, help="a text file to read for streaming perplexity instead of the corpus")
     p.add_argument("--checkpoint", default=None, help="a trainer run of a Hope-ified model (continual pre-training)")
@@ -240,6 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg.seeds = cfg.niah_seeds = _ints(args.seeds)
     if args.window:
         cfg.window = args.window
+    if args.methods:
+        methods = tuple(m for m in args.methods.split(",") if m)
+        if not methods or set(methods) - set(ALL_METHODS):
+            p.error(f"--methods must name methods of {ALL_METHODS}, got {args.methods!r}")
+        cfg.continual = dataclasses.replace(cfg.continual, methods=methods)
+    if args.ewc_lambda is not None:
+        cfg.continual = dataclasses.replace(cfg.continual, ewc_lambda=args.ewc_lambda)
     cfg.stream.windows = _ints(args.stream_windows) if args.stream_windows else (cfg.window,)
     if args.niah_tasks:
         from nested_learning.data.niah import NIAH_TASKS
