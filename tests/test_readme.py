@@ -26,11 +26,19 @@ def test_readme_python_snippets_run_as_printed(tmp_path, monkeypatch):
     assert namespace["ids"].shape == (2, 1 + 20)
 
 
-def _relative_links() -> list[str]:
-    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README.read_text())
+def _relative_links(page: Path = README) -> list[str]:
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
     return sorted({link for link in links if not re.match(r"[a-z]+://|mailto:", link)})
 
 
 @pytest.mark.parametrize("link", _relative_links())
 def test_readme_relative_links_exist(link):
     assert (README.parent / link).exists(), f"README links to {link}, which does not exist"
+
+
+DOC_LINKS = [(page, link) for page in sorted((README.parent / "docs").rglob("*.md")) for link in _relative_links(page)]
+
+
+@pytest.mark.parametrize("page,link", DOC_LINKS, ids=[f"{p.name}:{link}" for p, link in DOC_LINKS])
+def test_docs_relative_links_exist(page, link):
+    assert (page.parent / link).exists(), f"{page.relative_to(README.parent)} links to {link}, which does not exist"
