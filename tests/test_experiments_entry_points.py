@@ -80,7 +80,7 @@ def test_niah_beyond_the_context_limit_is_not_applicable():
     assert r["exact_match"]["s_niah_1"]["160"] is not None
 
 
-@pytest.mark.parametrize("module", ["continual", "language_modeling", "long_context", "synthetic_suite",
+@pytest.mark.parametrize("module", ["continual", "language_modeling", "long_context", "synthetic_suite", "synthetic_compare",
                                     "transfer_ablation"])
 def test_python_m_runs_the_entry_point(module, monkeypatch):
     # `python -m nested_learning.evaluation.<module>` must reach main(), not import the module and exit silently
@@ -88,3 +88,22 @@ def test_python_m_runs_the_entry_point(module, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_module(f"nested_learning.evaluation.{module}", run_name="__main__")
     assert exit_info.value.code == 0
+
+
+def test_synthetic_comparison_resumes_and_tabulates(tmp_path):
+    from nested_learning.evaluation.synthetic_compare import main
+
+    out = tmp_path / "cmp"
+    argv = ["--models", "transformer,deltanet", "--seeds", "0,1", "--tasks", "parity", "--quick", "--out_dir", str(out)]
+    assert main(argv) == 0
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == ["deltanet_seed0.json", "deltanet_seed1.json", "transformer_seed0.json", "transformer_seed1.json"]
+    table = (out / "SUMMARY.md").read_text()
+    assert "| transformer | " in table and "| deltanet | " in table and " ± " in table
+    before = (out / "runs" / "transformer_seed0.json").read_text()
+    assert main(argv) == 0  # everything reused
+    assert (out / "runs" / "transformer_seed0.json").read_text() == before
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["results"]["deltanet"]["parity"]["token_accuracy"]) == 2
+    with pytest.raises(SystemExit):
+        main(["--models", "gpt5", "--quick", "--out_dir", str(out)])
