@@ -80,8 +80,8 @@ def test_niah_beyond_the_context_limit_is_not_applicable():
     assert r["exact_match"]["s_niah_1"]["160"] is not None
 
 
-@pytest.mark.parametrize("module", ["continual", "language_modeling", "long_context", "synthetic_suite", "synthetic_compare",
-                                    "transfer_ablation"])
+@pytest.mark.parametrize("module", ["continual", "language_modeling", "long_context", "synthetic_suite",
+                                    "synthetic_compare", "transfer_ablation"])
 def test_python_m_runs_the_entry_point(module, monkeypatch):
     # `python -m nested_learning.evaluation.<module>` must reach main(), not import the module and exit silently
     monkeypatch.setattr(sys, "argv", [module, "--help"])
