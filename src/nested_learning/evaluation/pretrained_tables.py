@@ -136,11 +136,14 @@ def _niah_plot(niah: dict, out: Path, plt) -> str | None:
     if not tasks:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    for cond in ("original_full_window", "original", "cms_frozen", "cms_on"):
+    # distinct markers and dashes: conditions that score the same (the windowed ones often do) stay visible
+    styles = {"original_full_window": ("o", "-"), "original": ("s", "--"), "cms_frozen": ("^", ":"),
+              "cms_on": ("x", "-.")}
+    for cond, (marker, dash) in styles.items():
         if cond in cells:
             ys = [np.mean([np.mean(cells[cond][n][t]) for t in tasks]) if n in cells[cond] else np.nan
                   for n in lengths]
-            ax.plot(lengths, ys, marker="o", label=cond)
+            ax.plot(lengths, ys, marker=marker, linestyle=dash, markersize=7, label=cond)
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.set_xlabel("haystack length (tokens)")
