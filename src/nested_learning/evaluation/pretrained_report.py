@@ -3,9 +3,12 @@ continual learning (Fig 6) and needle-in-a-haystack (Table 1), each beside the f
 the baselines and chance.
 
     nested-learning report --preset pretrained [--out_dir docs/results/pretrained] [--seeds 0,1,2]
+        [--stream_windows 64,256,1024] [--niah_lengths 1024,2048,4096,8000 --niah_tasks s_niah_1 --niah_n 2]
+        [--suites continual --methods ewc --ewc_lambda 1e5 --benchmarks clinc]
 
 One JSON (``pretrained_report.json``), one markdown report (``REPORT_pretrained.md``) and plots under ``plots/``.
-Every suite's result is also kept under ``runs/`` as it finishes and reused on a rerun (``--no_resume`` to redo).
+Every suite's result is also kept under ``runs/`` as it finishes (each stream window, NIAH length and
+continual-learning run on its own) and reused on a rerun (``--no_resume`` to redo).
 """
 
 from __future__ import annotations
