@@ -57,10 +57,10 @@ def quick() -> ReportPreset:
 
 
 def small() -> ReportPreset:
-    # Measured run times (the small report quoted in docs/results/experiments.md, a shared 2-core machine, 1 thread per process): LM 164-866 s
-    # per model, continual 100-370 s for the three benchmarks, NIAH 47-458 s (a 16K prompt is 16K x 50,257
-    # logits), synthetic 215-1,599 s for three seeds; Transformer++ is the cheapest and the HOPE models the
-    # dearest. 8,343 s for all five models.
+    # Measured (docs/results/report_small, 1 thread per process, 3-10 processes side by side on 2 cores, so every
+    # figure is inflated by the load): LM 461-919 s per model, continual 200-540 s for the three benchmarks, NIAH
+    # 128-1,631 s (a 16K prompt is 16K x 50,257 logits), synthetic 357-4,973 s for three seeds; Transformer++ is
+    # the cheapest and HOPE the dearest. 14,473 s summed, about 95 minutes of wall time.
     return ReportPreset(
         name="small",
         seeds={"lm": (0,), "continual": (0,), "niah": (0,), "synthetic": (0, 1, 2)},
