@@ -58,7 +58,7 @@ def quick() -> ReportPreset:
 
 def small() -> ReportPreset:
     # Measured (docs/results/report_small, 1 thread per process, 3-10 processes side by side on 2 cores, so every
-    # figure is inflated by the load): LM 461-919 s per model, continual 200-540 s for the three benchmarks, NIAH
+    # figure is inflated by the load): LM 461-919 s per model, continual 227-538 s for the three benchmarks, NIAH
     # 128-1,631 s (a 16K prompt is 16K x 50,257 logits), synthetic 357-4,973 s for three seeds; Transformer++ is
     # the cheapest and HOPE the dearest. 14,473 s summed, about 95 minutes of wall time.
     return ReportPreset(
