@@ -121,10 +121,13 @@ def run(cfg: PretrainedReportConfig, out_dir: str | Path, resume: bool = True, m
     runs = out / "runs"
     hope, original, tok = models or build_models(cfg, checkpoint)
 
-    def cached(name: str, fn):
+    def cached(name: str, fn, valid=lambda saved: True):
+        """The saved result ``runs/<name>.json`` if it exists and is ``valid``, else ``fn()`` timed and saved."""
         path = runs / f"{name}.json"
         if resume and path.is_file():
-            return json.loads(path.read_text())
+            saved = json.loads(path.read_text())
+            if valid(saved):
+                return saved
         t0 = time.perf_counter()
         result = fn()
         result["seconds"] = time.perf_counter() - t0
@@ -135,7 +138,7 @@ def run(cfg: PretrainedReportConfig, out_dir: str | Path, resume: bool = True, m
     if "stream" in cfg.suites:
         docs = held_out_documents(tok, cfg.stream.n_docs, cfg.stream.min_tokens, cfg.stream.max_tokens,
                                   cfg.text_file)
-        results["stream"] = _stream(cfg, docs, runs, resume, hope, original)
+        results["stream"] = _stream(cfg, docs, runs, resume, cached, hope, original)
     if "continual" in cfg.suites:
         cl_cfg = dataclasses.replace(cfg.continual, progress=cfg.progress)
         results["continual"] = {
@@ -153,7 +156,7 @@ def run(cfg: PretrainedReportConfig, out_dir: str | Path, resume: bool = True, m
     return results
 
 
-def _stream(cfg, docs, runs: Path, resume: bool, hope, original) -> dict:
+def _stream(cfg, docs, runs: Path, resume: bool, cached, hope, original) -> dict:
     """Streaming perplexity at every window of ``cfg.stream.windows``, each window cached on its own
     (``stream_w{W}``, with the documents' source) so that a rerun with more windows computes only the new ones;
     windows that an earlier all-windows file (``stream``) holds with the same settings and source are reused."""
@@ -170,13 +173,13 @@ def _stream(cfg, docs, runs: Path, resume: bool, hope, original) -> dict:
         if held and {r["condition"] for r in held} >= set(cfg.stream.conditions):
             rows += held
             continue
-        path = runs / f"stream_w{window}.json"
-        part = json.loads(path.read_text()) if resume and path.is_file() else None
-        if part is None or part.get("source") != source or any(part["config"].get(k) != v for k, v in settings.items()):
-            t0 = time.perf_counter()
-            part = run_pretrained_stream(hope, docs, dataclasses.replace(stream_cfg, windows=(window,)), original)
-            part.update(source=source, seconds=time.perf_counter() - t0)
-            write_json(path, part)
+        part = cached(
+            f"stream_w{window}",
+            lambda w=window: dict(run_pretrained_stream(hope, docs, dataclasses.replace(stream_cfg, windows=(w,)),
+                                                        original), source=source),
+            valid=lambda saved: saved.get("source") == source
+            and all(saved["config"].get(k) == v for k, v in settings.items()),
+        )
         rows += part["rows"]
         seconds += part.get("seconds", 0.0)
     result = summarise_stream(rows, stream_cfg)

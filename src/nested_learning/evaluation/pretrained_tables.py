@@ -53,14 +53,19 @@ def continual_table(cl: dict) -> list[str]:
     return lines
 
 
-def niah_table(niah: dict) -> list[str]:
-    cells: dict = {}
+def _niah_cells(niah: dict):
+    """(task, length, condition, recall) of every NIAH cell of every seed (keys "task|length|condition")."""
     for run in niah.values():
         for key, v in run.items():
-            if key == "seconds":
-                continue
-            task, length, cond = key.split("|")
-            cells.setdefault((task, int(length)), {}).setdefault(cond, []).append(v["recall"])
+            if key != "seconds":
+                task, length, cond = key.split("|")
+                yield task, int(length), cond, v["recall"]
+
+
+def niah_table(niah: dict) -> list[str]:
+    cells: dict = {}
+    for task, length, cond, recall in _niah_cells(niah):
+        cells.setdefault((task, length), {}).setdefault(cond, []).append(recall)
     conds = ["original_full_window", "original", "cms_frozen", "cms_on"]
     lines = ["| task | length | " + " | ".join(f"{c} recall" for c in conds) + " |",
              "|---|---:|" + "---:|" * len(conds)]
@@ -124,11 +129,8 @@ def plots(results: dict, out: Path) -> list[str]:
 def _niah_plot(niah: dict, out: Path, plt) -> str | None:
     """Recall against haystack length per condition, mean over the tasks measured at every length and seeds."""
     cells: dict = {}
-    for run in niah.values():
-        for key, v in run.items():
-            if key != "seconds":
-                task, length, cond = key.split("|")
-                cells.setdefault(cond, {}).setdefault(int(length), {}).setdefault(task, []).append(v["recall"])
+    for task, length, cond, recall in _niah_cells(niah):
+        cells.setdefault(cond, {}).setdefault(length, {}).setdefault(task, []).append(recall)
     lengths = sorted({n for by_len in cells.values() for n in by_len})
     if len(lengths) < 2:
         return None
