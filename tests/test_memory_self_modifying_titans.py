@@ -142,12 +142,15 @@ def test_linear_equals_plain_loop_reference(objective, chunk_size, value_norm):
         )
 
 
+@pytest.mark.parametrize("op_mode", ["fused", "chunk"])
 @pytest.mark.parametrize("retention", ["initial", "zero"])
 @pytest.mark.parametrize("value_norm", [True, False])
 @pytest.mark.parametrize("objective", ["l2", "dot"])
 @pytest.mark.parametrize("chunk_size", [1, 3])
-def test_mlp_equals_plain_loop_reference(objective, chunk_size, value_norm, retention):
-    layer = _layer(objective, chunk_size, memory="mlp", hidden=6, value_norm=value_norm, retention=retention)
+def test_mlp_equals_plain_loop_reference(objective, chunk_size, value_norm, retention, op_mode):
+    layer = _layer(
+        objective, chunk_size, memory="mlp", hidden=6, value_norm=value_norm, retention=retention, op_mode=op_mode
+    )
     x = torch.randn(1, 7, 8, dtype=torch.float64)
     with torch.no_grad():
         o, _ = layer.read(x)
@@ -157,9 +160,78 @@ def test_mlp_equals_plain_loop_reference(objective, chunk_size, value_norm, rete
 @pytest.mark.parametrize("memory", ["linear", "mlp"])
 def test_recurrent_op_mode_matches_chunk_mode(memory):
     x = torch.randn(1, 9, 8, dtype=torch.float64)
-    chunked, recurrent = _layer("l2", 4, memory), _layer("l2", 4, memory, op_mode="recurrent")
+    chunked, recurrent = _layer("l2", 4, memory, op_mode="chunk"), _layer("l2", 4, memory, op_mode="recurrent")
+    fused = _layer("l2", 4, memory)
     with torch.no_grad():
         torch.testing.assert_close(chunked(x)[0], recurrent(x)[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(fused(x)[0], recurrent(x)[0], rtol=0, atol=1e-10)
+
+
+def _fused_and_chunked(objective="l2", **kw):
+    fused = _layer(objective, 4, "mlp", hidden=6, **kw)
+    chunked = _layer(objective, 4, "mlp", hidden=6, op_mode="chunk", **kw)
+    chunked.load_state_dict(fused.state_dict())
+    return fused, chunked
+
+
+@pytest.mark.parametrize("retention", ["initial", "zero"])
+@pytest.mark.parametrize("objective", ["l2", "dot"])
+def test_fused_mlp_memories_equal_the_chunked_form_with_gradients(objective, retention):
+    """The fused layout (default) against the per-chunk ``ops.delta_rule`` form: outputs, both memory states and
+    the gradients of every parameter and of the input, on a stream split inside a chunk (so a call starts with a
+    partial chunk whose chunk-start state differs from the running one)."""
+    fused, chunked = _fused_and_chunked(objective=objective, retention=retention)
+    x = torch.randn(2, 13, 8, dtype=torch.float64, requires_grad=True)
+    results = []
+    for layer in (fused, chunked):
+        y1, s1 = layer(x[:, :6])
+        y2, s2 = layer(x[:, 6:], s1)
+        loss = y1.pow(2).sum() + (y2 * torch.linspace(-1, 1, 8, dtype=torch.float64)).sum()
+        results.append(((y1, y2), s2, torch.autograd.grad(loss, [x, *layer.parameters()])))
+    (yf, sf, gf), (yc, sc, gc) = results
+    for a, b in zip(yf, yc):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert sf.pos == sc.pos == 1
+    for a, b in zip(sf.memory + sf.chunk_memory, sc.memory + sc.chunk_memory):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for a, b in zip(gf, gc):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_compiled_chunk_step_equals_eager():
+    """``compile_chunk_step`` (here with the aot_eager backend: the same tracing and autograd as inductor, without
+    building C++ kernels) gives the eager outputs and gradients; whole chunks run compiled, partial ones eagerly."""
+    eager, _ = _fused_and_chunked()
+    compiled, _ = _fused_and_chunked()
+    compiled.compile_chunk_step("aot_eager")
+    x = torch.randn(2, 10, 8, dtype=torch.float64, requires_grad=True)
+    ye, yc = eager(x)[0], compiled(x)[0]
+    torch.testing.assert_close(yc, ye, rtol=0, atol=1e-12)
+    ge = torch.autograd.grad(ye.sum(), [x, *eager.parameters()])
+    gc = torch.autograd.grad(yc.sum(), [x, *compiled.parameters()])
+    for a, b in zip(ge, gc):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert compiled.compile_backend == "aot_eager"
+
+
+def test_failed_compilation_warns_and_runs_eagerly():
+    eager, _ = _fused_and_chunked()
+    broken, _ = _fused_and_chunked()
+    broken.compile_chunk_step("no_such_backend")
+    x = torch.randn(1, 8, 8, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="no_such_backend.*running it eagerly"):
+        y = broken(x)[0]
+    torch.testing.assert_close(y, eager(x)[0], rtol=0, atol=0)
+    assert broken.compile_backend is None
+
+
+def test_compile_needs_the_fused_mlp_memories():
+    with pytest.raises(ValueError, match="op_mode='fused'"):
+        _layer("l2", 4, "linear").compile_chunk_step()
+    with pytest.raises(ValueError, match="op_mode='fused'"):
+        _layer("l2", 4, "mlp", op_mode="chunk").compile_chunk_step()
+    with pytest.raises(ValueError, match="op_mode must be one of"):
+        SelfModifyingTitans(8, n_heads=2, op_mode="fast")
 
 
 @pytest.mark.parametrize("memory", ["linear", "mlp"])

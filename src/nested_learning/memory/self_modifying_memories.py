@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import delta_rule
+from ..ops.delta_rule_one_chunk import delta_rule_one_chunk
 
 BOXES = ("k", "v", "memory", "eta", "alpha")
 RETENTIONS = ("initial", "zero")
@@ -219,3 +220,83 @@ class MLPSelfModifyingMemories(_Memories):
             read = read + torch.einsum("bsdk,btsk->btsd", W1_0[:, 2 * H :], hq)
             W1, G1 = W1 + W1_0, G1 + G1_0
         return q + read, [W2, W1, G1]
+
+    # ------------------------------------------------------------------ fused form
+    # The same chunk step as ``chunk``, in a layout made for it: memories box-major and transposed, R = W^T,
+    #   R2: (5, M, dh, hid)   R1: (3, M, hid, dh)   RG: (2, M, hid, 1)      with M = B * H,
+    # per-head inputs (M, n, dh), and ``delta_rule_one_chunk`` for the three DGD steps. Every product is then one
+    # batched matmul over (box, batch, head) with no permute inside the chunk loop, and only the memory box is read.
+    # ``fused_layout`` / ``state_layout`` convert once per call.
+
+    def fused_layout(self, S: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """[W2, W1, G1] in the state layout -> (R2, R1, RG) in the fused one."""
+        W2, W1, G1 = S
+        B, H, hid, dh = W2.shape[0], self.n_heads, self.hidden, self.head_dim
+        R2 = W2.reshape(B, H, 5, hid, dh).permute(2, 0, 1, 4, 3).reshape(5, B * H, dh, hid)
+        R1 = W1.reshape(B, 3, H, dh, hid).permute(1, 0, 2, 4, 3).reshape(3, B * H, hid, dh)
+        RG = G1.reshape(B, 2, H, 1, hid).permute(1, 0, 2, 4, 3).reshape(2, B * H, hid, 1)
+        return R2, R1, RG
+
+    def state_layout(self, R: tuple[torch.Tensor, ...], batch: int) -> list[torch.Tensor]:
+        """Inverse of ``fused_layout``."""
+        R2, R1, RG = R
+        B, H, hid, dh = batch, self.n_heads, self.hidden, self.head_dim
+        W2 = R2.reshape(5, B, H, dh, hid).permute(1, 2, 0, 4, 3).reshape(B, H, 5 * hid, dh)
+        W1 = R1.reshape(3, B, H, hid, dh).permute(1, 0, 2, 4, 3).reshape(B, 3 * H, dh, hid)
+        G1 = RG.reshape(2, B, H, hid, 1).permute(1, 0, 2, 4, 3).reshape(B, 2 * H, 1, hid)
+        return [W2.contiguous(), W1.contiguous(), G1.contiguous()]
+
+    def fused_chunk(self, R_c, R, x, q, R_0, gate_bias, step=None):
+        """``chunk`` in the fused layout: x, q: (M, n, dh); R_c, R: chunk-start and running memories; R_0: the
+        initial memories (retention "initial") or None; gate_bias: (M, 2). Returns o: (M, n, dh) and the new R.
+        ``step``: the function that computes it (``fused_chunk_step``, or a compiled copy of it)."""
+        step = fused_chunk_step if step is None else step
+        return step(R_c, R, x, q, R_0, gate_bias, self.objective, self.value_norm)
+
+
+def _fused_evaluate(R, u):
+    """All five memories at fixed weights R on u: (M, m, dh). Returns z, h: (5, M, m, hid), the main outputs
+    (3, M, m, dh) and the gate outputs (2, M, m)."""
+    R2, R1, RG = R
+    z = u @ R2
+    h = F.gelu(z)
+    return z, h, u + h[:3] @ R1, (h[3:] @ RG).squeeze(-1)
+
+
+def fused_chunk_step(R_c, R, x, q, R_0, gate_bias, objective: str, value_norm: bool):
+    """One Eq 90 chunk of the Eq 89 MLP memories in the fused layout (``MLPSelfModifyingMemories.fused_chunk``): the
+    arithmetic of ``MLPSelfModifyingMemories.chunk``, which it equals (tests). A pure function of tensors, so that one
+    compiled copy serves every layer."""
+    n = x.shape[1]
+    _, _, px, gx = _fused_evaluate(R_c, x)
+    k = F.normalize(px[0], dim=-1)
+    v = F.normalize(px[1], dim=-1) if value_norm else px[1]
+    eta = torch.sigmoid(gx[0] + gate_bias[:, :1])
+    alpha = torch.sigmoid(gx[1] + gate_bias[:, 1:])
+    z, h, main, gate = _fused_evaluate(R_c, torch.cat([v, k], dim=1))  # v_hat = M_c(v_t) and M_c(k_t)
+    zk, hk = z[:, :, n:], h[:, :, n:]
+    if objective == "l2":  # dL/dM(k) at the chunk-start weights
+        e_main, e_gate = main[:, :, n:] - main[:, :, :n], gate[:, :, n:] - gate[:, :, :n]
+    else:
+        e_main, e_gate = -main[:, :, :n], -gate[:, :, :n]
+    _, R1c, RGc = R_c
+    back = torch.cat([e_main @ R1c.mT, e_gate.unsqueeze(-1) @ RGc.mT])  # W1^T e per memory: (5, M, n, hid)
+    delta2 = torch.ops.aten.gelu_backward(back, zk)
+    R2, R1, RG = R
+    err_main, err_gate = e_main, e_gate.unsqueeze(-1)
+    if R_0 is not None:  # DGD on W - W_0, W_0 added back on reads and to the new state
+        R2_0, R1_0, RG_0 = R_0
+        R2, R1, RG = R2 - R2_0, R1 - R1_0, RG - RG_0
+        delta2 = delta2 + k @ R2_0
+        err_main, err_gate = err_main + hk[:3] @ R1_0, err_gate + hk[3:] @ RG_0
+    o2, R2 = delta_rule_one_chunk(k, -delta2, eta, alpha, R2, q, read_from=2)
+    if R_0 is not None:
+        o2 = o2 + q @ R2_0[2]
+    hq = F.gelu(o2)  # sigma(W2_memory,t-1 q_t)
+    step = eta / (1 + eta * hk.pow(2).sum(-1))  # Sherman-Morrison step for the unnormalised inputs h
+    o1, R1 = delta_rule_one_chunk(hk[:3], -err_main, step[:3], alpha, R1, hq, read_from=2)
+    _, RG = delta_rule_one_chunk(hk[3:], -err_gate, step[3:], alpha, RG)
+    if R_0 is not None:
+        o1 = o1 + hq @ R1_0[2]
+        R2, R1, RG = R2 + R2_0, R1 + R1_0, RG + RG_0
+    return q + o1, (R2, R1, RG)

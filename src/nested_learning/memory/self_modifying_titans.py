@@ -34,6 +34,7 @@ state starts from them and gradients reach them through the whole in-context tra
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 import torch.nn as nn
@@ -43,10 +44,11 @@ from einops import rearrange
 from ..ops._validation import check_int, check_layer_input
 from .conv import ShortConv
 from .neural_memory import chunk_sizes
-from .self_modifying_memories import LinearSelfModifyingMemories, MLPSelfModifyingMemories
+from .self_modifying_memories import LinearSelfModifyingMemories, MLPSelfModifyingMemories, fused_chunk_step
 from .state import LayerState
 
 OBJECTIVES = ("l2", "dot")
+OP_MODES = ("fused", "chunk", "recurrent")
 MEMORIES = {"linear": LinearSelfModifyingMemories, "mlp": MLPSelfModifyingMemories}
 
 
@@ -77,7 +79,10 @@ class SelfModifyingTitans(nn.Module):
         conv_size: causal depthwise conv window (0 disables it).
         gate: output gate ``y = W_o (norm(o) * silu(x W_g))``; False gives ``W_o norm(o)``.
         eta_bias, alpha_bias: initial static biases of the eta / alpha logits.
-        op_mode: ``"chunk"`` (ops.delta_rule chunk-parallel) or ``"recurrent"`` (its token loop).
+        op_mode: ``"fused"`` (default): the MLP memories run ``MLPSelfModifyingMemories.fused_chunk``, the same
+            step in a box-major layout with ``ops.delta_rule_one_chunk`` (the matrix memories run ``"chunk"``);
+            ``"chunk"``: each chunk through ``ops.delta_rule`` in chunk mode (the reference the fused form is
+            tested against); ``"recurrent"``: the same with the op's token loop.
         hidden: hidden width of the MLP memories.
         retention: MLP memories only: ``"initial"`` (the alpha decay pulls toward the meta-learned initial weights,
             default; see ``MLPSelfModifyingMemories``) or ``"zero"`` (Eq 88 as written, a pull toward 0, where an
@@ -100,7 +105,7 @@ class SelfModifyingTitans(nn.Module):
         gate: bool = True,
         eta_bias: float = 0.0,
         alpha_bias: float = 5.0,
-        op_mode: str = "chunk",
+        op_mode: str = "fused",
         hidden: int | None = None,
         value_norm: bool = True,
         retention: str = "initial",
@@ -117,11 +122,16 @@ class SelfModifyingTitans(nn.Module):
         check_int("chunk_size", chunk_size)
         self.dim, self.n_heads, self.head_dim, self.chunk_size = dim, n_heads, dim // n_heads, chunk_size
         self.objective = objective
+        if op_mode not in OP_MODES:
+            raise ValueError(f"op_mode must be one of {OP_MODES}, got {op_mode!r}")
+        self.op_mode = op_mode
+        self.compile_backend: str | None = None  # see compile_chunk_step
         self.conv = ShortConv(dim, conv_size) if conv_size > 0 else None
         self.to_q = nn.Linear(dim, dim, bias=False)
         extra = {} if memory == "linear" else {"hidden": hidden, "retention": retention}
         self.memories = MEMORIES[memory](
-            n_heads, self.head_dim, objective, eta_bias, alpha_bias, op_mode, value_norm, **extra
+            n_heads, self.head_dim, objective, eta_bias, alpha_bias, "recurrent" if op_mode == "recurrent" else "chunk",
+            value_norm, **extra
         )
         self.out_norm = nn.RMSNorm(self.head_dim)
         self.to_gate = nn.Linear(dim, dim, bias=False) if gate else None
@@ -146,18 +156,80 @@ class SelfModifyingTitans(nn.Module):
             q = q.to(dtype)
             S = [s.to(dtype) for s in state.memory]
             S_c = [s.to(dtype) for s in state.chunk_memory]
-            pos, outs = state.pos, []
             # the inputs of chunk c depend on the state after chunk c-1: a Python loop over chunks, parallel inside.
             # A call may start or end inside a chunk; chunks stay aligned to the stream's absolute positions.
-            sizes = chunk_sizes(T, self.chunk_size, pos)
-            for n, x_c, q_c in zip(sizes, hx.split(sizes, dim=1), q.split(sizes, dim=1)):
-                o, S = self.memories.chunk(S_c, S, x_c, q_c)
-                outs.append(o)
-                pos += n
-                if pos == self.chunk_size:
-                    pos, S_c = 0, S
-            o = torch.cat(outs, dim=1) if outs else hx.new_zeros(B, 0, self.n_heads, self.head_dim)
+            sizes = chunk_sizes(T, self.chunk_size, state.pos)
+            run = self._chunks_fused if self.fused else self._chunks
+            o, S, S_c, pos = run(hx, q, S, S_c, state.pos, sizes)
         return o, SelfModifyingTitansState(S, S_c, conv, pos)
+
+    @property
+    def fused(self) -> bool:
+        return self.op_mode == "fused" and isinstance(self.memories, MLPSelfModifyingMemories)
+
+    def _chunks(self, hx, q, S, S_c, pos, sizes):
+        outs = []
+        for n, x_c, q_c in zip(sizes, hx.split(sizes, dim=1), q.split(sizes, dim=1)):
+            o, S = self.memories.chunk(S_c, S, x_c, q_c)
+            outs.append(o)
+            pos += n
+            if pos == self.chunk_size:
+                pos, S_c = 0, S
+        B = hx.shape[0]
+        o = torch.cat(outs, dim=1) if outs else hx.new_zeros(B, 0, self.n_heads, self.head_dim)
+        return o, S, S_c, pos
+
+    def _chunks_fused(self, hx, q, S, S_c, pos, sizes):
+        """``_chunks`` for the MLP memories in their fused layout (``MLPSelfModifyingMemories.fused_chunk``): the
+        layout changes once per call, not per chunk."""
+        mem, (B, T, H, dh) = self.memories, hx.shape
+        same = all(a is b for a, b in zip(S, S_c))
+        R = mem.fused_layout(S)
+        R_c = R if same else mem.fused_layout(S_c)
+        R_0 = mem.fused_layout(mem.initial_state(B, hx.device, hx.dtype)) if mem.retention == "initial" else None
+        gate_bias = mem.gate_bias.to(hx.dtype).repeat(B, 1)  # (B * H, 2)
+        xs, qs = (t.transpose(1, 2).reshape(B * H, T, dh) for t in (hx, q))
+        outs = []
+        for n, x_c, q_c in zip(sizes, xs.split(sizes, dim=1), qs.split(sizes, dim=1)):
+            o, R = self._fused_step(R_c, R, x_c, q_c, R_0, gate_bias, whole=n == self.chunk_size)
+            outs.append(o)
+            pos += n
+            if pos == self.chunk_size:
+                pos, R_c = 0, R
+        o = torch.cat(outs, dim=1) if outs else xs[:, :0]
+        S = mem.state_layout(R, B)
+        S_c = S if R_c is R else mem.state_layout(R_c, B)
+        return o.reshape(B, H, T, dh).transpose(1, 2), S, S_c, pos
+
+    def _fused_step(self, R_c, R, x, q, R_0, gate_bias, whole: bool):
+        mem = self.memories
+        if self.compile_backend is None or not whole:  # partial chunks stay eager: one compiled shape per layer
+            return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias)
+        try:
+            return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias, step=compiled_chunk_step(self.compile_backend))
+        except Exception as err:  # e.g. no C compiler for inductor: the eager step computes the same thing
+            warnings.warn(
+                f"compiling the self-modifying Titans chunk step with backend {self.compile_backend!r} failed "
+                f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
+                "running it eagerly",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.compile_backend = None
+            return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias)
+
+    def compile_chunk_step(self, backend: str | None = "inductor") -> SelfModifyingTitans:
+        """Run every whole Eq 90 chunk through ``torch.compile`` of ``fused_chunk_step`` (one compiled copy shared
+        by all layers; partial chunks at a call's edges stay eager). MLP memories in the fused mode only.
+
+        On a 2-core CPU the compiled HOPE tiny chunk step runs forward + backward about 2.5x faster than eager
+        (``benchmarks/bench_peers.py``); the first compilation takes minutes (inductor builds C++ kernels; later
+        processes reuse its cache in a few seconds). If compilation fails, a warning is issued and the eager step
+        runs instead. ``backend=None`` switches back to eager."""
+        if backend is not None and not self.fused:
+            raise ValueError("compile_chunk_step needs the MLP memories in op_mode='fused'")
+        self.compile_backend = backend
+        return self
 
     def forward(self, x: torch.Tensor, state: SelfModifyingTitansState | None = None):
         """x: (B, T, dim) -> y: (B, T, dim), new state."""
@@ -166,3 +238,13 @@ class SelfModifyingTitans(nn.Module):
         if self.to_gate is not None:
             y = y * F.silu(self.to_gate(x))
         return self.to_out(y), state
+
+
+_COMPILED: dict = {}
+
+
+def compiled_chunk_step(backend: str):
+    """``fused_chunk_step`` under ``torch.compile`` (static shapes, one graph), created once per backend."""
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(fused_chunk_step, backend=backend, dynamic=False, fullgraph=True)
+    return _COMPILED[backend]

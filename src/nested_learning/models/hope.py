@@ -64,6 +64,15 @@ class HOPE(CMSLanguageModel):
             norm_eps=config.norm_eps,
             init_std=config.init_std,
         )
+        if config.titans_compile is not None:
+            self.compile_chunk_steps(config.titans_compile)
+
+    def compile_chunk_steps(self, backend: str | None = "inductor") -> HOPE:
+        """``torch.compile`` every layer's self-modifying Titans chunk step (``SelfModifyingTitans.compile_chunk_step``;
+        eager fallback with a warning if compilation fails); ``None`` returns to eager."""
+        for block in self.blocks:
+            block.mixer.compile_chunk_step(backend)
+        return self
 
     def mixer_initial_state(self, mixer, batch, device, dtype):
         return mixer.initial_state(batch, device, dtype)

@@ -50,6 +50,8 @@ class HOPEConfig:
     titans_value_norm: bool = True  # L2-normalised values and bounded self-generated targets; False: Eq 83 literally
     titans_retention: str = "initial"  # MLP memories decay toward their initial weights; "zero": Eq 88 as written
     conv_size: int = 4
+    # torch.compile backend of the Titans chunk step ("inductor"), or None for eager (SelfModifyingTitans.compile_chunk_step)
+    titans_compile: str | None = None
     # softmax attention (HOPE-attention)
     rope_theta: float = 10000.0
     max_seq_len: int | None = None
