@@ -338,3 +338,13 @@ def test_hope_defaults_to_mlp_titans_memories():
     assert all(isinstance(b.mixer.memories, MLPSelfModifyingMemories) for b in model.blocks)
     linear = build_model("hope", "tiny", vocab_size=64, titans_memory="linear", titans_value_norm=False)
     assert not linear.blocks[0].mixer.memories.value_norm
+
+
+def test_hope_compiles_every_titans_layer_from_its_config():
+    from nested_learning.models import build_model
+
+    model = build_model("hope", "tiny", vocab_size=64, titans_compile="aot_eager")
+    assert [b.mixer.compile_backend for b in model.blocks] == ["aot_eager", "aot_eager"]
+    assert all(b.mixer.fused for b in model.blocks)
+    model.compile_chunk_steps(None)
+    assert [b.mixer.compile_backend for b in model.blocks] == [None, None]

@@ -1,0 +1,68 @@
+"""HOPE's training step with the three forms of the self-modifying Titans chunk step, in one run.
+
+    python benchmarks/bench_hope_chunk_step.py [--T 512] [--threads 1] [--rounds 4]
+
+"chunk": each Eq 90 chunk through ``ops.delta_rule`` (the reference form); "fused": the default box-major step with
+``ops.delta_rule_one_chunk``; "compiled": the fused step under ``torch.compile`` (inductor; the first run of a
+machine compiles for minutes, later runs reuse the cache). HOPE tiny (dim 128, 2 layers, 4 heads) with a 32,000
+vocabulary, batch 1, fp32, ``model(x, labels=x).loss.backward()`` with test-time memory writes, fastest of
+``--rounds`` interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first import of torch
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from nested_learning.models import build_model  # noqa: E402
+from nested_learning.training.cpu_memory import keep_freed_cpu_memory  # noqa: E402
+
+VOCAB = 32000
+
+
+def build(form: str):
+    torch.manual_seed(0)
+    model = build_model("hope", "tiny", vocab_size=VOCAB)
+    for block in model.blocks:
+        block.mixer.op_mode = "chunk" if form == "chunk" else "fused"
+    return model.compile_chunk_steps() if form == "compiled" else model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--T", type=int, default=512)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=4)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    keep_freed_cpu_memory()  # as the trainer does
+    ids = torch.randint(0, VOCAB, (1, args.T))
+    models = {form: build(form) for form in ("chunk", "fused", "compiled")}
+
+    def step(model):
+        model(ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for form, model in models.items():  # warm-up (the compiled form compiles here)
+        t = time.perf_counter()
+        step(model)
+        print(f"{form}: first step {time.perf_counter() - t:.1f} s", flush=True)
+    best = {form: float("inf") for form in models}
+    for _ in range(args.rounds):
+        for form, model in models.items():
+            t = time.perf_counter()
+            step(model)
+            best[form] = min(best[form], time.perf_counter() - t)
+    print(f"\nHOPE tiny training step, T={args.T}, batch 1, fp32, {args.threads} thread(s), tokens/s")
+    for form in models:
+        print(f"{form:>9} {args.T / best[form]:8.0f}   {best['chunk'] / best[form]:.2f}x chunk")
+
+
+if __name__ == "__main__":
+    main()
