@@ -64,7 +64,8 @@ def delta_rule_one_chunk(
     )  # gamma'_t / gamma_i on i < t, 0 elsewhere
     L = (k @ k.mT) * decay * eta.unsqueeze(-1)
     T_inv = unit_lower_inverse_reference(L) if compiling else unit_lower_inverse(L)
-    k_write = (eta * torch.exp(g_prev)).unsqueeze(-1) * k
+    gamma_prev = torch.exp(g_prev)
+    k_write = (eta * gamma_prev).unsqueeze(-1) * k
     U = T_inv @ (eta.unsqueeze(-1) * v) - (T_inv @ k_write) @ R0
     g_last = g[..., -1:]
     R = torch.exp(g_last).unsqueeze(-1) * R0 + (torch.exp(g_last - g).unsqueeze(-1) * k).mT @ U
@@ -73,6 +74,6 @@ def delta_rule_one_chunk(
     if read_from is not None:
         lead = U.dim() - 2  # tensors with every leading dimension carry the first one; others broadcast over it
         R0, U, k = (t[read_from] if t.dim() == lead + 2 else t for t in (R0, U, k))
-        g_prev, decay = (t[read_from] if t.dim() == lead + d else t for t, d in ((g_prev, 1), (decay, 2)))
-    o = torch.exp(g_prev).unsqueeze(-1) * (q @ R0) + ((q @ k.mT) * decay) @ U
+        gamma_prev, decay = (t[read_from] if t.dim() == lead + d else t for t, d in ((gamma_prev, 1), (decay, 2)))
+    o = gamma_prev.unsqueeze(-1) * (q @ R0) + ((q @ k.mT) * decay) @ U
     return o, R
