@@ -16,6 +16,12 @@ how the model and its context change as tasks arrive:
 * ``stream_frozen``: the same stream with test-time updates off: in-context learning over every example, as far
   as the model's own context reaches (a sliding attention window keeps the most recent ones), and the control
   that isolates what the memory updates add.
+* ``zero_shot``: the backbone as it is, no context and no learning: the floor that every method's label names
+  alone give (a pretrained model guesses many intents from their names).
+* ``cms_only``: ``memory``'s stream, then every test is scored with the CMS levels as the stream left them but
+  the mixers' states (attention's KV window, Titans' memories) and the pending tokens emptied: only what the levels
+  learned is left, so it is compared with ``zero_shot``. Needs a model whose state is a
+  :class:`~nested_learning.models.cms_lm.CMSLMState`.
 
 ``score_updates=False`` scores every test query from a snapshot of the state with the updates off, so no method
 learns from the test queries.
@@ -41,7 +47,8 @@ from nested_learning.evaluation.train_loop import fit
 from nested_learning.progress import progress
 
 METHODS = ("finetune", "ewc", "icl", "memory")
-ALL_METHODS = METHODS + ("stream_frozen",)
+ALL_METHODS = METHODS + ("stream_frozen", "zero_shot", "cms_only")
+STREAMED = ("memory", "stream_frozen", "cms_only")
 
 
 @dataclasses.dataclass
@@ -74,8 +81,8 @@ def run_method(backbone: torch.nn.Module, stream: CLStream, method: str, cfg: CL
     T = len(stream.tasks)
     R = np.full((T, T), np.nan)
     ewc = EWC(model, cfg.ewc_lambda) if method == "ewc" else None
-    streams = method in ("memory", "stream_frozen")
-    learner = _MemoryLearner(model, scorer, learn=method == "memory") if streams else None
+    streams = method in STREAMED
+    learner = _MemoryLearner(model, scorer, learn=method != "stream_frozen") if streams else None
     rng = np.random.default_rng([seed, 11])
     bar = progress(total=T, desc=f"{stream.benchmark}/{method}", disable=not cfg.progress, leave=False)
     for i, task in enumerate(stream.tasks):
@@ -86,10 +93,13 @@ def run_method(backbone: torch.nn.Module, stream: CLStream, method: str, cfg: CL
                 ewc.consolidate(scorer, task.train[: cfg.fisher_samples])
         elif method == "icl":
             state = _icl_state(model, scorer, stream, i, cfg.icl_shots, rng)
-        else:
+        elif streams:
             state = learner.learn(task.train)
+            if method == "cms_only":
+                state = levels_only(model, state)
         cands = stream.classes_up_to(i)
-        with test_time_updates(model, (True if cfg.score_updates else False) if method == "memory" else None):
+        scoring_updates = cfg.score_updates if method in ("memory", "cms_only") else None
+        with test_time_updates(model, scoring_updates):
             for j in range(i + 1):
                 R[i, j] = scorer.accuracy(stream.tasks[j].test, cands, state)
         bar.update(1)
@@ -103,6 +113,17 @@ def run_method(backbone: torch.nn.Module, stream: CLStream, method: str, cfg: CL
         "batched_scoring": scorer._tiling_ok,  # False: the model's state could not be tiled; scored one by one
         "memory_tokens_dropped": learner.dropped if learner else None,
     }
+
+
+def levels_only(model: torch.nn.Module, state):
+    """``state`` with every mixer state fresh and no pending tokens: the CMS levels' fast weights (and position)
+    kept, the context forgotten."""
+    from nested_learning.models.cms_lm import CMSLMState
+
+    if not isinstance(state, CMSLMState):
+        raise ValueError(f"cms_only needs a model with CMS levels (a CMSLMState), got {type(state).__name__}")
+    fresh = model.initial_state(state.pending.shape[0], state.pending.device)
+    return dataclasses.replace(state, mixers=fresh.mixers, pending=state.pending[:, :0])
 
 
 def _finetune(model, scorer: LabelScorer, rows, cfg: CLConfig, rng, ewc, desc: str) -> None:

@@ -4,11 +4,12 @@ the baselines and chance.
 
     nested-learning report --preset pretrained [--out_dir docs/results/pretrained] [--seeds 0,1,2]
         [--stream_windows 64,256,1024] [--niah_lengths 1024,2048,4096,8000 --niah_tasks s_niah_1 --niah_n 2]
-        [--suites continual --methods ewc --ewc_lambda 1e5 --benchmarks clinc]
+        [--suites continual --methods ewc --ewc_lambda 1e5 --benchmarks clinc --n_tasks 5 --classes_per_task 4]
 
 One JSON (``pretrained_report.json``), one markdown report (``REPORT_pretrained.md``) and plots under ``plots/``.
 Every suite's result is also kept under ``runs/`` as it finishes (each stream window, NIAH length and
-continual-learning run on its own) and reused on a rerun (``--no_resume`` to redo).
+continual-learning run on its own, a continual-learning run method by method) and reused on a rerun (``--no_resume``
+to redo); the NIAH table shows every cell saved under ``runs/``, so seeds and lengths run one at a time add up.
 """
 
 from __future__ import annotations
@@ -142,18 +143,42 @@ def run(cfg: PretrainedReportConfig, out_dir: str | Path, resume: bool = True, m
     if "continual" in cfg.suites:
         cl_cfg = dataclasses.replace(cfg.continual, progress=cfg.progress)
         results["continual"] = {
-            f"{b}_seed{s}": cached(f"continual_{b}_seed{s}", lambda b=b, s=s: run_continual(
-                hope, dataclasses.replace(cl_cfg, benchmark=b), s))
+            f"{b}_seed{s}": _continual_run(hope, dataclasses.replace(cl_cfg, benchmark=b), s, runs, resume)
             for b in cfg.benchmarks for s in cfg.seeds
         }
     if "niah" in cfg.suites:
         results["niah"] = {f"seed{s}": _niah_seed(cfg, s, runs, resume, cached, hope, original)
                            for s in cfg.niah_seeds}
+        _add_cached_niah(results["niah"], runs)
     write_json(out / "pretrained_report.json", results)
     from nested_learning.evaluation.pretrained_tables import write_report
 
     write_report(results, out)
     return results
+
+
+def _continual_run(hope, cl_cfg: CLConfig, seed: int, runs: Path, resume: bool) -> dict:
+    """One benchmark and seed (``runs/continual_<benchmark>_seed<s>.json``): the methods a saved run with the same
+    stream settings already holds are reused, only the missing ones are computed and merged into the file."""
+    path = runs / f"continual_{cl_cfg.benchmark}_seed{seed}.json"
+    stream_keys = ("n_tasks", "classes_per_task", "train_per_class", "test_per_class", "max_text_tokens")
+    saved = json.loads(path.read_text()) if resume and path.is_file() else None
+    if saved is not None and any(saved["config"].get(k) != getattr(cl_cfg, k) for k in stream_keys):
+        saved = None  # another stream: computed anew
+    missing = tuple(m for m in cl_cfg.methods if saved is None or m not in saved["methods"])
+    if not missing:
+        return saved
+    t0 = time.perf_counter()
+    result = run_continual(hope, dataclasses.replace(cl_cfg, methods=missing), seed)
+    if saved is not None:
+        saved["methods"].update(result["methods"])
+        saved["config"]["methods"] = list(dict.fromkeys([*saved["config"]["methods"], *missing]))
+        result, seconds = saved, saved.get("seconds", 0.0)
+    else:
+        seconds = 0.0
+    result["seconds"] = seconds + time.perf_counter() - t0
+    write_json(path, result)
+    return result
 
 
 def _stream(cfg, docs, runs: Path, resume: bool, cached, hope, original) -> dict:
@@ -206,6 +231,21 @@ def _niah_seed(cfg, seed, runs: Path, resume: bool, cached, hope, original) -> d
     return merged
 
 
+def _add_cached_niah(niah: dict, runs: Path) -> None:
+    """Every NIAH cell saved under ``runs/`` that ``niah`` lacks (other seeds and lengths of earlier runs into the
+    same directory), so that runs made a seed or a length at a time add up in one table."""
+    import re
+
+    for path in sorted(runs.glob("niah_seed*.json")):
+        match = re.fullmatch(r"niah_seed(\d+)(?:_len\d+)?\.json", path.name)
+        if not match:
+            continue
+        cells = niah.setdefault(f"seed{match.group(1)}", {"seconds": 0.0})
+        for key, value in json.loads(path.read_text()).items():
+            if key != "seconds" and key not in cells:
+                cells[key] = value
+
+
 def _ints(text: str) -> tuple:
     return tuple(int(x) for x in text.split(",") if x)
 
@@ -224,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default=None, help="comma-separated seeds")
     p.add_argument("--methods", default=None, help="comma-separated continual-learning methods (default: all of "
                    + ",".join(ALL_METHODS) + ")")
+    p.add_argument("--n_tasks", type=int, default=None, help="continual-learning tasks in sequence (default 3)")
+    p.add_argument("--classes_per_task", type=int, default=None, help="new classes per task (default 3)")
     p.add_argument("--ewc_lambda", type=float, default=None, help="EWC penalty weight (default 1000)")
     p.add_argument("--window", type=int, default=None, help="attention window in tokens")
     p.add_argument("--text", default=None, help="a text file to read for streaming perplexity instead of the corpus")
@@ -254,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         if not methods or set(methods) - set(ALL_METHODS):
             p.error(f"--methods must name methods of {ALL_METHODS}, got {args.methods!r}")
         cfg.continual = dataclasses.replace(cfg.continual, methods=methods)
+    for key in ("n_tasks", "classes_per_task"):
+        value = getattr(args, key)
+        if value is not None:
+            if value < 1:
+                p.error(f"--{key} must be a positive integer, got {value}")
+            cfg.continual = dataclasses.replace(cfg.continual, **{key: value})
     if args.ewc_lambda is not None:
         cfg.continual = dataclasses.replace(cfg.continual, ewc_lambda=args.ewc_lambda)
     cfg.stream.windows = _ints(args.stream_windows) if args.stream_windows else (cfg.window,)

@@ -9,7 +9,9 @@ import numpy as np
 from nested_learning.evaluation.continual import ALL_METHODS
 
 CL_NAMES = {"finetune": "fine-tuning", "ewc": "EWC", "icl": "ICL (1 shot / class, window)",
-            "stream_frozen": "all examples streamed, CMS frozen", "memory": "Hope: streamed, CMS learning"}
+            "stream_frozen": "all examples streamed, CMS frozen", "memory": "Hope: streamed, CMS learning",
+            "zero_shot": "original model, no context (zero-shot)",
+            "cms_only": "Hope: CMS learned from the stream, window emptied"}
 
 
 def _mean_sd(xs) -> str:
@@ -67,10 +69,11 @@ def niah_table(niah: dict) -> list[str]:
     for task, length, cond, recall in _niah_cells(niah):
         cells.setdefault((task, length), {}).setdefault(cond, []).append(recall)
     conds = ["original_full_window", "original", "cms_frozen", "cms_on"]
-    lines = ["| task | length | " + " | ".join(f"{c} recall" for c in conds) + " |",
-             "|---|---:|" + "---:|" * len(conds)]
+    lines = ["| task | length | seeds | " + " | ".join(f"{c} recall" for c in conds) + " |",
+             "|---|---:|---:|" + "---:|" * len(conds)]
     for (task, length), v in sorted(cells.items()):
-        lines.append(f"| {task} | {length} | " + " | ".join(_mean_sd(v.get(c, [])) for c in conds) + " |")
+        seeds = max(len(x) for x in v.values())
+        lines.append(f"| {task} | {length} | {seeds} | " + " | ".join(_mean_sd(v.get(c, [])) for c in conds) + " |")
     return lines
 
 
