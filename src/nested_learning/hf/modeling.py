@@ -109,10 +109,10 @@ class NestedLearningForCausalLM(transformers.PreTrainedModel, transformers.Gener
 
     # ------------------------------------------------------------ transformers plumbing
     @classmethod
-    def get_init_context(cls, dtype, is_quantized, _is_ds_init_called, allow_all_kernels=None):
+    def get_init_context(cls, *args, **kwargs):
         """Build on the CPU, not the meta device: constructors fill buffers and initial memories. Weight tying is
         left on: a Hope-ified model loads its pretrained model inside its constructor, which must tie its head."""
-        contexts = super().get_init_context(dtype, is_quantized, _is_ds_init_called, allow_all_kernels)
+        contexts = super().get_init_context(*args, **kwargs)  # its arguments change between transformers releases
         return [c for c in contexts if not (isinstance(c, torch.device) and c.type == "meta")
                 and getattr(getattr(c, "func", None), "__name__", "") != "no_tie_weights"]
 
