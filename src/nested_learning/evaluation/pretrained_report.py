@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
@@ -173,10 +174,8 @@ def _continual_run(hope, cl_cfg: CLConfig, seed: int, runs: Path, resume: bool) 
     if saved is not None:
         saved["methods"].update(result["methods"])
         saved["config"]["methods"] = list(dict.fromkeys([*saved["config"]["methods"], *missing]))
-        result, seconds = saved, saved.get("seconds", 0.0)
-    else:
-        seconds = 0.0
-    result["seconds"] = seconds + time.perf_counter() - t0
+        result = saved
+    result["seconds"] = result.get("seconds", 0.0) + time.perf_counter() - t0
     write_json(path, result)
     return result
 
@@ -234,8 +233,6 @@ def _niah_seed(cfg, seed, runs: Path, resume: bool, cached, hope, original) -> d
 def _add_cached_niah(niah: dict, runs: Path) -> None:
     """Every NIAH cell saved under ``runs/`` that ``niah`` lacks (other seeds and lengths of earlier runs into the
     same directory), so that runs made a seed or a length at a time add up in one table."""
-    import re
-
     for path in sorted(runs.glob("niah_seed*.json")):
         match = re.fullmatch(r"niah_seed(\d+)(?:_len\d+)?\.json", path.name)
         if not match:
