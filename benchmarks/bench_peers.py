@@ -1,6 +1,6 @@
 """This package beside other implementations: Titans' neural memory and HOPE, training tokens/s and same-run ratios.
 
-    python benchmarks/bench_peers.py [--threads 2] [--rounds 3] [--quick]
+    python benchmarks/bench_peers.py [--threads 2] [--rounds 3] [--quick] [--omp-wait passive|active]
         [--titans-python /tmp/peer-titans/bin/python] [--hope-python /tmp/peer-hope/bin/python]
 
 The peers need their own virtual environments (the community HOPE installs as ``nested_learning`` too):
@@ -12,17 +12,22 @@ A peer whose interpreter is missing is skipped. Every measurement runs in a fres
 interpreter (this file, ``--worker NAME``), and the workers take turns round by round: the fastest time of each over
 all rounds is kept, so a busy period on a shared machine slows all of them alike. Batch 1, fp32, CPU.
 
+Every worker runs under the same OpenMP wait policy, ``--omp-wait`` (default passive: idle threads sleep, the
+fair setting on a machine shared with other jobs; active: they spin, which suits many small ops, and is close to
+what an unset OMP_WAIT_POLICY gives). Run both: the ratio between the implementations depends on it.
+
 1. Titans' neural memory, forward + backward of ``y.pow(2).mean()`` at T = 512, 2048, 8192:
    ours ``NeuralMemory(256, n_heads=4, chunk_size=64, expansion=4)`` (Eq 90 exact: each chunk's gradient at its
    own start weights; also with ``grad_at="call_start"``, titans-pytorch's rule) against titans-pytorch 0.5.5
    ``NeuralMemory(dim=256, chunk_size=64, heads=4, dim_head=64)`` (every chunk's gradient at the weights the call
-   started with).
+   started with). Ours also with ``compile_chunk_step("inductor")`` (the fast path's chunk step compiled).
 2. HOPE, one training step at T = 512, 2048: ours ``build_model("hope", "tiny", vocab_size=32000)`` (dim 128, 2
    layers, 4 heads, default chunks) doing ``model(x, labels=x).loss.backward()``; the community HOPE's
    ``pilot_smoke`` config (dim 128, 2 layers, 4 heads, vocab 32000) doing its training step with memory writes
    (``training.run_training_loop`` without online chunking: forward with block outputs, cross-entropy, per-layer
    teach signals, backward, then the no-grad forward that writes the memories); a Transformer++ with as many
-   parameters as our HOPE (its MLP widened to match). No optimizer step in any of them.
+   parameters as our HOPE (its MLP widened to match). Ours also with ``titans_compile="inductor"``. No optimizer
+   step in any of them.
 """
 
 from __future__ import annotations
@@ -76,6 +81,13 @@ def worker_ours_memory_call_start(T: int):
     return worker_ours_memory(T, grad_at="call_start")
 
 
+def worker_ours_memory_compiled(T: int):
+    from nested_learning.memory import NeuralMemory
+
+    layer = NeuralMemory(256, n_heads=4, chunk_size=64, expansion=4).compile_chunk_step("inductor")
+    return _memory_step(layer, _randn(T))
+
+
 def worker_titans(T: int):
     from titans_pytorch import NeuralMemory
 
@@ -104,6 +116,12 @@ def worker_ours_hope(T: int):
     from nested_learning.models.registry import build_model
 
     return _lm_step(build_model("hope", "tiny", vocab_size=VOCAB), T)
+
+
+def worker_ours_hope_compiled(T: int):
+    from nested_learning.models.registry import build_model
+
+    return _lm_step(build_model("hope", "tiny", vocab_size=VOCAB, titans_compile="inductor"), T)
 
 
 def equal_size_transformer():
@@ -157,8 +175,10 @@ def worker_community_hope(T: int):
 WORKERS = {
     "ours_memory": worker_ours_memory,
     "ours_memory_call_start": worker_ours_memory_call_start,
+    "ours_memory_compiled": worker_ours_memory_compiled,
     "titans": worker_titans,
     "ours_hope": worker_ours_hope,
+    "ours_hope_compiled": worker_ours_hope_compiled,
     "transformer": worker_transformer,
     "community_hope": worker_community_hope,
 }
@@ -176,8 +196,8 @@ def run_worker(name: str, lengths: list[int], threads: int, reps: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def call(python: str, name: str, lengths, threads: int, reps: int, env_src: bool) -> dict | None:
-    env = dict(os.environ)
+def call(python: str, name: str, lengths, threads: int, reps: int, env_src: bool, omp_wait: str) -> dict | None:
+    env = dict(os.environ, OMP_WAIT_POLICY=omp_wait.upper())
     if env_src:
         env["PYTHONPATH"] = str(ROOT / "src")
     else:  # a peer venv must not see this package (the community HOPE has the same import name)
@@ -200,6 +220,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="T = 512 only, one round")
     p.add_argument("--titans-python", default="/tmp/peer-titans/bin/python")
     p.add_argument("--hope-python", default="/tmp/peer-hope/bin/python")
+    p.add_argument("--omp-wait", choices=("passive", "active"), default="passive",
+                   help="OpenMP wait policy of every worker (see the module docstring)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--lengths", type=int, nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -214,8 +236,10 @@ def main() -> int:
     jobs = {  # name: (interpreter, lengths, runs on this checkout's sources)
         "ours_memory": (ours, mem_lengths, True),
         "ours_memory_call_start": (ours, mem_lengths, True),
+        "ours_memory_compiled": (ours, mem_lengths, True),
         "titans": (args.titans_python, mem_lengths, False),
         "ours_hope": (ours, hope_lengths, True),
+        "ours_hope_compiled": (ours, hope_lengths, True),
         "transformer": (ours, hope_lengths, True),
         "community_hope": (args.hope_python, hope_lengths, False),
     }
@@ -223,7 +247,7 @@ def main() -> int:
     best: dict[str, dict] = {}
     for r in range(rounds):
         for name, (python, lengths, src) in jobs.items():
-            res = call(python, name, lengths, args.threads, args.reps, src)
+            res = call(python, name, lengths, args.threads, args.reps, src, args.omp_wait)
             if res is None:
                 continue
             prev = best.setdefault(name, {})
@@ -241,21 +265,24 @@ def main() -> int:
     def ratio(a, b):
         return None if a is None or b is None else a / b
 
-    print(f"\nbatch 1, fp32, {args.threads} threads, fastest of {rounds} rounds x {args.reps} runs, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"\nbatch 1, fp32, {args.threads} threads, OMP_WAIT_POLICY={args.omp_wait.upper()}, fastest of {rounds} "
+          f"rounds x {args.reps} runs, load average {os.getloadavg()[0]:.1f}")
     print("\nTitans neural memory, forward+backward tokens/s")
-    print(f"{'T':>6} {'ours (Eq 90)':>12} {'ours (call start)':>17} {'titans-pytorch':>14} {'Eq 90 / titans':>14}"
-          f" {'call start / titans':>19}")
+    print(f"{'T':>6} {'ours (Eq 90)':>12} {'compiled':>10} {'call start':>10} {'titans-pytorch':>14}"
+          f" {'Eq 90 / titans':>14} {'compiled / titans':>17} {'call start / titans':>19}")
     for T in mem_lengths:
-        a, b, c = rate("ours_memory", T), rate("ours_memory_call_start", T), rate("titans", T)
-        print(f"{T:>6} {fmt(a):>12} {fmt(b):>17} {fmt(c):>14} {fmt(ratio(a, c), True):>14}"
-              f" {fmt(ratio(b, c), True):>19}")
+        a, d = rate("ours_memory", T), rate("ours_memory_compiled", T)
+        b, c = rate("ours_memory_call_start", T), rate("titans", T)
+        print(f"{T:>6} {fmt(a):>12} {fmt(d)} {fmt(b)} {fmt(c):>14} {fmt(ratio(a, c), True):>14}"
+              f" {fmt(ratio(d, c), True):>17} {fmt(ratio(b, c), True):>19}")
     print("\nHOPE training step (dim 128, 2 layers, vocab 32000), tokens/s")
-    print(f"{'T':>6} {'ours':>10} {'community':>10} {'Transformer++':>14} {'ours / community':>17}"
-          f" {'ours / T++':>11}")
+    print(f"{'T':>6} {'ours':>10} {'compiled':>10} {'community':>10} {'Transformer++':>14} {'ours / community':>17}"
+          f" {'compiled / community':>20} {'ours / T++':>11}")
     for T in hope_lengths:
-        a, b, c = rate("ours_hope", T), rate("community_hope", T), rate("transformer", T)
-        print(f"{T:>6} {fmt(a)} {fmt(b)} {fmt(c):>14} {fmt(ratio(a, b), True):>17} {fmt(ratio(a, c), True):>11}")
+        a, d = rate("ours_hope", T), rate("ours_hope_compiled", T)
+        b, c = rate("community_hope", T), rate("transformer", T)
+        print(f"{T:>6} {fmt(a)} {fmt(d)} {fmt(b)} {fmt(c):>14} {fmt(ratio(a, b), True):>17}"
+              f" {fmt(ratio(d, b), True):>20} {fmt(ratio(a, c), True):>11}")
     return 0
 
 

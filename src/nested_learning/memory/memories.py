@@ -127,7 +127,8 @@ _ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.ta
 # gradients through them)
 _ACTIVATION_VJPS = {
     "gelu": lambda g, z: torch.ops.aten.gelu_backward(g, z),
-    "silu": lambda g, z: torch.ops.aten.silu_backward(g, z),
+    # aten's silu_backward has no derivative of its own, so the second-order path needs the written-out form
+    "silu": lambda g, z: g * torch.sigmoid(z) * (1 + z * (1 - torch.sigmoid(z))),
     "relu": lambda g, z: g * (z > 0).to(g.dtype),
     "tanh": lambda g, z: g * (1 - torch.tanh(z) ** 2),
 }
@@ -154,6 +155,7 @@ class MLPMemory(FastWeightMemory):
         self.dim, self.hidden = dim, hidden
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        self.activation = activation
         self.sigma, self.sigma_vjp = _ACTIVATIONS[activation], _ACTIVATION_VJPS[activation]
         with torch.no_grad():
             self.initial[0].normal_(0.0, 1.0 / math.sqrt(dim))

@@ -41,12 +41,17 @@ M_c, the memory at the start of chunk c, so the chunks form a sequential recurre
 chunk's gradients at the memory the call started with (titans-pytorch's rule: cheaper, one batched gradient pass
 for the whole call, but not Eq 90: a call of n chunks is one chunk of n * chunk_size tokens for the gradients, while
 momentum, decay and reads still run per token). Both equal their own token loops (tests).
+
+Fast path (``fused=True``, the default). Whole chunks of an MLP memory with Eq 90 gradients run through
+``neural_memory_fused.mlp_chunk_step``: the same formulas, with everything that does not depend on the running
+memory batched over all chunks of a call, and optionally compiled (``compile_chunk_step``). ``_segment`` is the
+reference it is tested against; it also runs partial chunks at a call's edges and every other memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import warnings
 
 import torch
 import torch.nn as nn
@@ -56,6 +61,7 @@ from einops import rearrange
 from ..ops._validation import check_int, check_layer_input
 from .conv import ShortConv
 from .memories import FastWeightMemory, LinearMemory, MLPMemory
+from .neural_memory_fused import compiled_mlp_chunk_step, gate_terms, mlp_chunk_step
 from .state import LayerState
 
 RETENTIONS = ("initial", "zero")
@@ -89,18 +95,6 @@ def chunk_sizes(T: int, chunk_size: int, pos: int) -> list[int]:
     return sizes
 
 
-@functools.lru_cache(maxsize=64)
-def _strict_upper(n: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
-
-
-def _causal_ratio(log_cum: torch.Tensor) -> torch.Tensor:
-    """``R[..., t, i] = exp(log_cum_t - log_cum_i)`` for i <= t, else 0. log_cum: (..., n) -> (..., n, n)."""
-    diff = log_cum.unsqueeze(-1) - log_cum.unsqueeze(-2)
-    # masked before exp, so the entries above the diagonal never overflow
-    return torch.exp(diff.masked_fill(_strict_upper(log_cum.shape[-1], log_cum.device), float("-inf")))
-
-
 class NeuralMemory(nn.Module):
     """Titans' neural long-term memory as a sequence layer: ``y, state = layer(x, state=None)``, ``x: (B, T, dim)``.
 
@@ -126,6 +120,9 @@ class NeuralMemory(nn.Module):
             (Titans' decay toward 0).
         grad_at: ``"chunk_start"`` (Eq 90: gradients at each chunk's start weights) or ``"call_start"`` (at the
             weights the call started with, see "Gradient point" above).
+        fused: whole chunks of an MLP memory (Eq 89) with ``grad_at="chunk_start"`` go through the fast path of
+            ``neural_memory_fused`` (the same numbers, tested against ``_segment`` and the token loop); False keeps
+            every chunk on the reference ``_segment``. Other memories always take ``_segment``.
     """
 
     def __init__(
@@ -140,6 +137,7 @@ class NeuralMemory(nn.Module):
         grad_clip: float | None = None,
         retention: str = "initial",
         grad_at: str = "chunk_start",
+        fused: bool = True,
     ):
         super().__init__()
         if not (isinstance(dim, int) and isinstance(n_heads, int) and n_heads > 0) or dim % n_heads:
@@ -168,6 +166,8 @@ class NeuralMemory(nn.Module):
         if grad_at not in GRAD_POINTS:
             raise ValueError(f"grad_at must be one of {GRAD_POINTS}, got {grad_at!r}")
         self.grad_at = grad_at
+        self.fused = fused
+        self.compile_backend: str | None = None  # see compile_chunk_step
         self.conv = ShortConv(dim, conv_size) if conv_size > 0 else None
         self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
         # per head logits of [theta, eta, alpha]; biases start at small steps, half momentum, slow forgetting
@@ -210,11 +210,7 @@ class NeuralMemory(nn.Module):
         """Tokens of one chunk (or part of one), chunk-parallel. q, k, v: (N, n, dh); gates (N, n). ``factors``:
         precomputed (deltas, inputs) of these tokens (then ``w_grad`` is unused)."""
         deltas, inputs = self._grad_factors(w_grad, k, v) if factors is None else factors
-        g = torch.stack([log_eta, log_keep]).cumsum(-1)  # (2, N, n): log E_t, log F_t
-        P, D = _causal_ratio(g)  # P[j, i] = E_j / E_i, D[t, j] = F_t / F_j
-        E, Fk = torch.exp(g)
-        coef = (D @ P) * theta.unsqueeze(-2)  # C[t, i] theta_i: (N, n, n)
-        scales = torch.stack([Fk, (D @ E.unsqueeze(-1)).squeeze(-1)], dim=-1)  # [F_t, B_t]: (N, n, 2)
+        coef, scales, c_last, f_last, b_last, e_last = gate_terms(theta, log_eta, log_keep)
 
         # the recurrences run on W - W_init (retention toward the initial memory); W_init is added back on reads
         w_dev = w_run if w_star is None else [w - w0 for w, w0 in zip(w_run, w_star)]
@@ -227,15 +223,88 @@ class NeuralMemory(nn.Module):
             return y if w_star is None else y + a @ w_star[i].mT
 
         y = self.memory.forward_with(read, q)
-        # weights of -g_i in the segment's last M and last S, side by side
-        c_last = torch.stack([coef[:, -1], P[:, -1] * theta], dim=1).unsqueeze(-1)  # (N, 2, n, 1)
-        f_last, b_last, e_last = Fk[:, -1, None, None], scales[:, -1, 1, None, None], E[:, -1, None, None]
         w_new, s_new = [], []
         for i, (W, S, d, a) in enumerate(zip(w_dev, s_run, deltas, inputs)):
             dw, ds = (d.mT.unsqueeze(1) @ (c_last * a.unsqueeze(1))).unbind(1)
             w_new.append(f_last * W + b_last * S - dw + (0 if w_star is None else w_star[i]))
             s_new.append(e_last * S - ds)
         return y, w_new, s_new
+
+    def _fast_chunks(self) -> bool:
+        """Whether whole chunks take ``mlp_chunk_step``: an Eq 89 MLP memory (its own forward), Eq 90 gradients."""
+        mem = self.memory
+        return (
+            self.fused
+            and self.grad_at == "chunk_start"
+            and isinstance(mem, MLPMemory)
+            and type(mem).forward_with is MLPMemory.forward_with
+        )
+
+    def _whole_chunks(self, w_run, s_run, w_star, q, k, v, theta, log_eta, log_keep):
+        """``n_c`` whole chunks starting at a chunk boundary (so each chunk's gradient point is the running memory)
+        through ``mlp_chunk_step``. q, k, v: (N, n_c * C, dh); gates (N, n_c * C). Returns y and the new lists."""
+        N, L, dh = q.shape
+        nc, C = L // self.chunk_size, self.chunk_size
+
+        def chunk_major(t):  # (N, nc * C, ...) -> (nc, N, C, ...)
+            return t.unflatten(1, (nc, C)).transpose(0, 1)
+
+        q, k, v = (chunk_major(t) for t in (q, k, v))
+        coef, scales, c_last, f_last, b_last, e_last = gate_terms(
+            *(chunk_major(t) for t in (theta, log_eta, log_keep))
+        )
+        per_chunk = (
+            k,
+            k - v,
+            q,
+            (q @ k.mT) * coef,
+            (c_last * k.unsqueeze(2)).mT,  # (nc, N, 2, dh, C)
+            coef,
+            scales,
+            c_last,
+            f_last,
+            b_last,
+            e_last,
+        )
+        dev = w_run if w_star is None else [w - w0 for w, w0 in zip(w_run, w_star)]
+        W2t, W1t, S2t, S1t = (t.mT.contiguous() for t in (*dev, *s_run))
+        W2st, W1st = (None, None) if w_star is None else (w.mT.contiguous() for w in w_star)
+        outs = []
+        for args in zip(*(t.unbind(0) for t in per_chunk)):
+            y, W2t, W1t, S2t, S1t = self._chunk_step(
+                W2t, W1t, S2t, S1t, W2st, W1st, *args, self.memory.activation, self.grad_clip
+            )
+            outs.append(y)
+        y = torch.stack(outs).transpose(0, 1).reshape(N, L, dh)
+        w_new = [t.mT.contiguous() for t in (W2t, W1t)]
+        if w_star is not None:
+            w_new = [w + w0 for w, w0 in zip(w_new, w_star)]
+        return y, w_new, [t.mT.contiguous() for t in (S2t, S1t)]
+
+    def _chunk_step(self, *args):
+        if self.compile_backend is None:
+            return mlp_chunk_step(*args)
+        try:
+            return compiled_mlp_chunk_step(self.compile_backend)(*args)
+        except Exception as err:  # e.g. no C compiler for inductor: the eager step computes the same thing
+            warnings.warn(
+                f"compiling the neural memory's chunk step with backend {self.compile_backend!r} failed "
+                f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
+                "running it eagerly",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self.compile_backend = None
+            return mlp_chunk_step(*args)
+
+    def compile_chunk_step(self, backend: str | None = "inductor") -> NeuralMemory:
+        """Run the whole chunks of the fast path through ``torch.compile`` of ``mlp_chunk_step`` (one compiled copy
+        shared by all layers; partial chunks at a call's edges stay on ``_segment``). If compilation fails, a
+        warning is issued and the eager step runs instead; ``backend=None`` switches back to eager."""
+        if backend is not None and not self._fast_chunks():
+            raise ValueError("compile_chunk_step needs fused=True, an MLP memory and grad_at='chunk_start'")
+        self.compile_backend = backend
+        return self
 
     def read(self, x: torch.Tensor, state: NeuralMemoryState | None = None):
         """The memory part alone: x: (B, T, dim) -> reads y_t = M_t(q_t): (B*H, T, dh) in the state dtype, new state."""
@@ -248,8 +317,20 @@ class NeuralMemory(nn.Module):
             q, k, v, theta, log_eta, log_keep, conv = self.project(x, state.conv)
             w_run, s_run, w_chunk, pos = state.weights, state.momentum, state.chunk_weights, state.pos
             # a call may start or end inside a chunk: chunks stay aligned to the stream's absolute positions.
-            # split (not slice) so the backward of each piece does not allocate a full-length zero gradient
+            # Consecutive whole chunks from a boundary form one group of the fast path.
             sizes = chunk_sizes(T, self.chunk_size, pos)
+            if self._fast_chunks():
+                groups, p = [], pos
+                for n in sizes:
+                    if p == 0 and n == self.chunk_size and groups and groups[-1][0]:
+                        groups[-1][1] += n
+                    else:
+                        groups.append([p == 0 and n == self.chunk_size, n])
+                    p = (p + n) % self.chunk_size
+            else:
+                groups = [[False, n] for n in sizes]
+            sizes = [n for _, n in groups]
+            # split (not slice) so the backward of each piece does not allocate a full-length zero gradient
             pieces = zip(*(t.split(sizes, dim=1) for t in (q, k, v, theta, log_eta, log_keep)))
             outs = []
             w_star = None
@@ -259,10 +340,13 @@ class NeuralMemory(nn.Module):
             if self.grad_at == "call_start" and T:  # one batched gradient pass at the call's start weights
                 deltas, inputs = self._grad_factors(w_run, k, v)
                 factors = list(zip(*(zip(*(t.split(sizes, dim=1) for t in group)) for group in (deltas, inputs))))
-            for n, (q_c, k_c, v_c, theta_c, log_eta_c, log_keep_c), f in zip(sizes, pieces, factors):
-                y, w_run, s_run = self._segment(
-                    w_chunk, w_run, s_run, q_c, k_c, v_c, theta_c, log_eta_c, log_keep_c, w_star, f
-                )
+            for (whole, n), piece, f in zip(groups, pieces, factors):
+                if whole:
+                    y, w_run, s_run = self._whole_chunks(w_run, s_run, w_star, *piece)
+                    w_chunk = w_run
+                    outs.append(y)
+                    continue
+                y, w_run, s_run = self._segment(w_chunk, w_run, s_run, *piece, w_star, f)
                 outs.append(y)
                 pos += n
                 if pos == self.chunk_size:
