@@ -97,6 +97,33 @@ def test_non_finite_losses_are_skipped_then_training_stops(tmp_path):
     ckpt.load_checkpoint(good, build_model("transformer", "tiny", vocab_size=VOCAB, dim=32, n_layers=1))
 
 
+def test_a_forward_that_overflows_inside_a_memory_is_a_skipped_step(tmp_path):
+    """A memory layer that meets a value its own model made non-finite raises NonFiniteError; the trainer counts that
+    step as non-finite (skipped, weights untouched) instead of stopping, and stops after max_bad_steps of them."""
+    from nested_learning.ops._validation import NonFiniteError, check_finite
+
+    t = _trainer(_config(tmp_path, max_steps=20, max_bad_steps=2))
+    real_forward = t.model.forward
+    calls = []
+
+    def overflowing(*a, **k):
+        calls.append(t.step)
+        if t.model.training and t.step in (1, 3, 4):
+            check_finite("x", torch.tensor([float("nan")]))
+        return real_forward(*a, **k)
+
+    t.model.forward = overflowing
+    t.train(until=3)
+    assert [r["skipped"] for r in t.history] == [0, 1, 0]
+    before = _weights(t)
+    with pytest.raises(TrainingDiverged, match="2 non-finite steps"):
+        t.train()
+    assert all(torch.equal(before[k], v) for k, v in _weights(t).items())
+    with pytest.raises(ValueError, match="must be finite"):  # still a ValueError for other callers
+        check_finite("x", torch.tensor([float("inf")]))
+    assert issubclass(NonFiniteError, ValueError)
+
+
 def test_loss_falls(tmp_path):
     t = _trainer(_config(tmp_path, max_steps=40, eval_every=40))
     summary = t.train()

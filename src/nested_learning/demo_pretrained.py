@@ -70,7 +70,7 @@ def report_lines(r: dict) -> list[str]:
     c = r["config"]
     return [
         "", f"## {r['model']} Hope-ified (Sec 7.3)", "",
-        f"Every MLP turned into CMS levels {c['hope']}, attention window {c['window']} tokens; perplexity over "
+        f"MLPs turned into CMS levels ({c['hope']}), attention window {c['window']} tokens; perplexity over "
         f"{c['docs']} held-out documents of {c['tokens']} tokens read in pieces of {c['piece']}.", "",
         "| model | perplexity |", "| --- | ---: |",
         f"| original {r['model']} (same window) | {r['perplexity']['original']:.2f} |",

@@ -36,12 +36,17 @@ def check_float(name: str, value, low: float | None = None, high: float | None =
     return value
 
 
+class NonFiniteError(ValueError):
+    """A memory layer or op was given non-finite values. A ValueError for callers; the trainer catches this class
+    to count a step whose forward pass overflowed as a non-finite step (skipped, like a NaN loss)."""
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Non-finite inputs are rejected rather than isolated: one NaN written into a fast-weight memory would make
     every later output of the stream NaN, and the chunk-parallel forms would spread it to earlier positions too."""
     if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
         bad = (~torch.isfinite(t)).nonzero()[0].tolist()
-        raise ValueError(
+        raise NonFiniteError(
             f"{name} must be finite, got {t.reshape(-1)[(~torch.isfinite(t)).reshape(-1)][0].item()} at index "
             f"{tuple(bad)}; memories are not updated from non-finite inputs"
         )

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from nested_learning import progress
+from nested_learning.ops._validation import NonFiniteError
 from nested_learning.training import checkpoint as ckpt
 from nested_learning.training.config import TrainConfig
 from nested_learning.training.cpu_memory import keep_freed_cpu_memory
@@ -225,14 +226,23 @@ class Trainer:
         c = self.config
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(c.grad_accum):
-            x, y = self.batcher.next_batch()
-            x, y = x.to(self.device), y.to(self.device)
-            sync = self.dist.enabled and micro < c.grad_accum - 1
-            with self.parallel.no_sync(self.ddp_model) if sync else contextlib.nullcontext():
-                loss = self.ddp_model(x, labels=y).loss / c.grad_accum
-                loss.backward()
-            loss_sum += loss.detach()
+        try:
+            for micro in range(c.grad_accum):
+                x, y = self.batcher.next_batch()
+                x, y = x.to(self.device), y.to(self.device)
+                sync = self.dist.enabled and micro < c.grad_accum - 1
+                with self.parallel.no_sync(self.ddp_model) if sync else contextlib.nullcontext():
+                    loss = self.ddp_model(x, labels=y).loss / c.grad_accum
+                    loss.backward()
+                loss_sum += loss.detach()
+        except NonFiniteError:
+            # a memory layer met a value that overflowed inside this forward pass: the same as a NaN loss. Under
+            # data parallelism the other ranks would wait for this one's gradients, so there it stays an error.
+            if self.dist.enabled:
+                raise
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            return float("nan"), False
         loss_value = float(all_reduce_mean(loss_sum, self.dist))
         grad_norm = self.parallel.clip_grad_norm(self.model.parameters(), c.grad_clip if c.grad_clip > 0 else 1e30)
         finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
