@@ -51,7 +51,6 @@ reference it is tested against; it also runs partial chunks at a call's edges an
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import torch
 import torch.nn as nn
@@ -59,9 +58,10 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops._validation import check_int, check_layer_input
+from .compiled_steps import compiled, warn_eager_fallback
 from .conv import ShortConv
 from .memories import FastWeightMemory, LinearMemory, MLPMemory
-from .neural_memory_fused import compiled_mlp_chunk_step, gate_terms, mlp_chunk_step
+from .neural_memory_fused import gate_terms, mlp_chunk_step
 from .state import LayerState
 
 RETENTIONS = ("initial", "zero")
@@ -285,15 +285,9 @@ class NeuralMemory(nn.Module):
         if self.compile_backend is None:
             return mlp_chunk_step(*args)
         try:
-            return compiled_mlp_chunk_step(self.compile_backend)(*args)
+            return compiled(mlp_chunk_step, self.compile_backend)(*args)
         except Exception as err:  # e.g. no C compiler for inductor: the eager step computes the same thing
-            warnings.warn(
-                f"compiling the neural memory's chunk step with backend {self.compile_backend!r} failed "
-                f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
-                "running it eagerly",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            warn_eager_fallback("neural memory's chunk step", self.compile_backend, err, stacklevel=4)
             self.compile_backend = None
             return mlp_chunk_step(*args)
 

@@ -12,7 +12,7 @@ are taken at its own start weights):
   2.5x slower);
 - each read of a weight, its momentum and its initial value is one product against the three side by side;
 - ``mlp_chunk_step`` is a pure function of tensors, so ``torch.compile`` can take it whole (one graph, static
-  shapes), with the eager function as the fallback.
+  shapes; ``compiled_steps``), with the eager function as the fallback.
 """
 
 from __future__ import annotations
@@ -98,12 +98,3 @@ def mlp_chunk_step(
     W1n = f_last * W1t + b_last * S1t - dW1
     return y, W2n, W1n, e_last * S2t - dS2, e_last * S1t - dS1
 
-
-_COMPILED: dict = {}
-
-
-def compiled_mlp_chunk_step(backend: str):
-    """``mlp_chunk_step`` under ``torch.compile`` (static shapes, one graph), created once per backend."""
-    if backend not in _COMPILED:
-        _COMPILED[backend] = torch.compile(mlp_chunk_step, backend=backend, dynamic=False, fullgraph=True)
-    return _COMPILED[backend]

@@ -36,7 +36,6 @@ state starts from them and gradients reach them through the whole in-context tra
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import torch
 import torch.nn as nn
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops._validation import check_int, check_layer_input
+from .compiled_steps import compiled, warn_eager_fallback
 from .conv import ShortConv
 from .neural_memory import chunk_sizes
 from .self_modifying_memories import LinearSelfModifyingMemories, MLPSelfModifyingMemories, fused_chunk_step
@@ -208,15 +208,9 @@ class SelfModifyingTitans(nn.Module):
         if self.compile_backend is None or not whole:  # partial chunks stay eager: one compiled shape per layer
             return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias)
         try:
-            return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias, step=compiled_chunk_step(self.compile_backend))
+            return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias, step=compiled(fused_chunk_step, self.compile_backend))
         except Exception as err:  # e.g. no C compiler for inductor: the eager step computes the same thing
-            warnings.warn(
-                f"compiling the self-modifying Titans chunk step with backend {self.compile_backend!r} failed "
-                f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
-                "running it eagerly",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            warn_eager_fallback("self-modifying Titans chunk step", self.compile_backend, err, stacklevel=2)
             self.compile_backend = None
             return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias)
 
@@ -240,13 +234,3 @@ class SelfModifyingTitans(nn.Module):
         if self.to_gate is not None:
             y = y * F.silu(self.to_gate(x))
         return self.to_out(y), state
-
-
-_COMPILED: dict = {}
-
-
-def compiled_chunk_step(backend: str):
-    """``fused_chunk_step`` under ``torch.compile`` (static shapes, one graph), created once per backend."""
-    if backend not in _COMPILED:
-        _COMPILED[backend] = torch.compile(fused_chunk_step, backend=backend, dynamic=False, fullgraph=True)
-    return _COMPILED[backend]
