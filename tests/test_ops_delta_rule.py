@@ -253,6 +253,37 @@ def test_unit_lower_inverse_and_chunk_scan_match_their_references():
     assert torch.autograd.gradgradcheck(dc.chunk_scan, (A, Bc, R0))
 
 
+@pytest.mark.parametrize("n", [5, 8, 9, 32, 61, 64, 100])
+def test_blocked_unit_lower_inverse_matches_the_solve(n):
+    from nested_learning.ops import delta_rule_chunk as dc
+
+    torch.manual_seed(n)
+    L = 0.3 * torch.randn(3, 40, n, n, dtype=torch.float64)  # upper part must be ignored
+    X = dc.unit_lower_inverse_blocked(L)
+    torch.testing.assert_close(X, dc.unit_lower_inverse_reference(L), atol=1e-12, rtol=0)
+    assert X.shape == L.shape
+    assert torch.equal(X.triu(1), torch.zeros_like(X))
+
+
+def test_unit_lower_inverse_takes_the_blocked_form_for_many_large_blocks(monkeypatch):
+    from nested_learning.ops import delta_rule_chunk as dc
+
+    calls = []
+    blocked = dc.unit_lower_inverse_blocked
+    monkeypatch.setattr(dc, "unit_lower_inverse_blocked", lambda L: calls.append(L.shape) or blocked(L))
+    torch.manual_seed(0)
+    small = (0.3 * torch.randn(4, 16, 16, dtype=torch.float64)).requires_grad_()
+    large = (0.1 * torch.randn(64, 64, 64, dtype=torch.float64)).requires_grad_()
+    for L in (small, large):
+        X = dc.unit_lower_inverse(L)
+        torch.testing.assert_close(X, dc.unit_lower_inverse_reference(L), atol=1e-12, rtol=0)
+        g = torch.randn_like(X)
+        (got,) = torch.autograd.grad(X, L, g)
+        (want,) = torch.autograd.grad(dc.unit_lower_inverse_reference(L), L, g)
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    assert calls and calls[0] == large.shape and small.shape not in calls  # (later calls: its recursion)
+
+
 def test_chunk_second_order_gradients_match_recurrent():
     args = make_inputs(1, 11, 2, 3, 2, requires_grad=True)
     leaves = [x for x in args if x is not None]

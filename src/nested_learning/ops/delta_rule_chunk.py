@@ -65,13 +65,64 @@ def unit_lower_inverse_reference(L: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L, eye, upper=False, unitriangular=True)
 
 
+# Below this size a unit lower triangular block is inverted by row substitution (batched over every block).
+_SUBSTITUTION_SIZE = 8
+
+
+def _substitution_inverse(L: torch.Tensor) -> torch.Tensor:
+    """(I + tril(L, -1))^{-1} for L: (M, n, n), n small: row r of X is e_r - L[r, :r] X[:r], one batched
+    (1 x r) @ (r x r) product per row."""
+    n = L.shape[-1]
+    X = torch.zeros_like(L)
+    X.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+    for r in range(1, n):
+        X[:, r : r + 1, :r] = -(L[:, r : r + 1, :r] @ X[:, :r, :r])
+    return X
+
+
+def unit_lower_inverse_blocked(L: torch.Tensor) -> torch.Tensor:
+    """(I + tril(L, -1))^{-1} for L: (..., C, C) by recursive 2 x 2 blocking, no autograd.
+
+    With I + L = [[T11, 0], [L21, T22]], the inverse is [[X11, 0], [-X22 L21 X11, X22]]; both diagonal halves
+    recurse together as one batch of twice the size, down to blocks of ``_SUBSTITUTION_SIZE`` solved by row
+    substitution. A batched LAPACK solve handles one small matrix per call (about 16 us for 64 x 64 here, one
+    thread: it slows down with more); these are a few batched products over all matrices at once, 1.8x faster at
+    one thread and 6x at two for 512 blocks of 64 (the chunked delta rule at T = 8192, four heads).
+    Equals ``unit_lower_inverse_reference`` up to rounding (same substitution, reordered).
+    """
+    lead, n = L.shape[:-2], L.shape[-1]
+    L = L.reshape(-1, n, n)
+    if n <= _SUBSTITUTION_SIZE:
+        return _substitution_inverse(L).reshape(*lead, n, n)
+    h = n // 2
+    if n % 2 == 0:
+        X11, X22 = unit_lower_inverse_blocked(torch.cat([L[:, :h, :h], L[:, h:, h:]])).chunk(2)
+    else:
+        X11, X22 = unit_lower_inverse_blocked(L[:, :h, :h]), unit_lower_inverse_blocked(L[:, h:, h:])
+    X = torch.zeros_like(L)
+    X[:, :h, :h] = X11
+    X[:, h:, h:] = X22
+    # Into a fresh product, then copied: a matmul writing into the strided block runs one matrix at a time.
+    X[:, h:, :h] = -((X22 @ L[:, h:, :h]) @ X11)
+    return X.reshape(*lead, n, n)
+
+
+def _uses_blocked_inverse(L: torch.Tensor) -> bool:
+    """Many matrices of 32 rows or more: the blocked form wins; a few small ones: the per-matrix solve."""
+    n = L.shape[-1]
+    return n >= 32 and L.numel() >= 32 * n * n
+
+
 class _UnitLowerInverse(torch.autograd.Function):
     """X = (I + tril(L, -1))^{-1}; backward dL = tril(-X^T dX X^T, -1) (differentiable: double backward works)."""
 
     @staticmethod
     def forward(ctx, L):
-        with _one_thread(L.device):
-            X = unit_lower_inverse_reference(L)
+        if _uses_blocked_inverse(L):
+            X = unit_lower_inverse_blocked(L)
+        else:
+            with _one_thread(L.device):
+                X = unit_lower_inverse_reference(L)
         ctx.save_for_backward(X)
         return X
 
