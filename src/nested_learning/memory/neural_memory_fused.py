@@ -8,8 +8,8 @@ are taken at its own start weights):
 - everything that depends only on the gates and on q, k, v is computed once for all whole chunks of a call, batched
   (``gate_terms``, the products q k^T, the write columns k scaled by each token's last-row coefficients);
 - the weights stay as deviations from the initial memory and transposed, ``(N, d_in, d_out)``, so that every
-  product on the chunk path multiplies stored operands as X @ Y (on CPU, batched X @ Y^T at these sizes is about
-  2.5x slower);
+  product on the chunk path multiplies stored operands as X @ Y (with earlier torch builds batched X @ Y^T was
+  about 2.5x slower on CPU; with torch 2.13 the two run at the same speed);
 - each read of a weight, its momentum and its initial value is one product against the three side by side;
 - ``mlp_chunk_step`` is a pure function of tensors, so ``torch.compile`` can take it whole (one graph, static
   shapes; ``compiled_steps``), with the eager function as the fallback.
