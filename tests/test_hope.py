@@ -149,6 +149,22 @@ def test_inner_update_is_a_gradient_step_on_the_in_segment_lm_loss():
         torch.testing.assert_close(s8.cms[i].grads[2], g1[lvl(2)] + g2[lvl(2)], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("cls", MODELS)
+def test_training_call_takes_the_same_inner_steps_as_a_no_grad_call(cls):
+    """While training with labels the head keeps softmax @ W for the outer backward and the inner gradients read it
+    from there; without grad they compute it themselves. Both must take the same steps (and give the same logits)."""
+    m = tiny(cls)
+    x, y = torch.randint(0, V, (2, 21)), torch.randint(0, V, (2, 21))
+    trained = m(x, labels=y)
+    with torch.no_grad():
+        plain = m(x)
+    torch.testing.assert_close(trained.logits.detach(), plain.logits, rtol=0, atol=1e-12)
+    for a, b in zip(trained.state.cms, plain.state.cms):
+        for wa, wb in zip(a.weights, b.weights):
+            torch.testing.assert_close(wa.detach(), wb, rtol=0, atol=1e-12)
+    assert any(not torch.equal(w, w0) for w, w0 in zip(plain.state.cms[0].weights, m.initial_state(2).cms[0].weights))
+
+
 def test_meta_mode_backpropagates_through_the_inner_updates():
     """The outer gradient w.r.t. a slow CMS weight matches finite differences of the loss (inner updates included)
     in meta mode; first-order mode, which detaches the inner gradients, does not."""

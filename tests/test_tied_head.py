@@ -24,7 +24,7 @@ def _inputs(B=2, T=5, d=4, V=11):
     return h, W, labels
 
 
-@pytest.mark.parametrize("stored_probs", [False, True])
+@pytest.mark.parametrize("stored_probs", [False, True, "with_product"])
 @pytest.mark.parametrize("with_logit_grad", [False, True])
 def test_tied_head_gradients_equal_autograd(stored_probs, with_logit_grad):
     h, W, labels = _inputs()
@@ -34,8 +34,9 @@ def test_tied_head_gradients_equal_autograd(stored_probs, with_logit_grad):
         probs = logits.transpose(0, 1).contiguous() if stored_probs else None
         if probs is not None:
             torch.testing.assert_close(softmax_into(probs).T, lse, rtol=0, atol=1e-12)
+        probs_W = probs @ W if stored_probs == "with_product" else None
     g_logits = torch.randn_like(logits) if with_logit_grad else None
-    out, nll = TiedHead.apply(h, W, logits, lse, labels, probs)
+    out, nll = TiedHead.apply(h, W, logits, lse, labels, probs, probs_W)
     loss = nll + ((out * g_logits).sum() if with_logit_grad else 0)
     got = torch.autograd.grad(loss, (h, W))
     for a, b in zip(got, _plain(h, W, labels, g_logits)):
@@ -56,14 +57,16 @@ def test_second_backward_recomputes_the_consumed_softmax():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_segmented_head_keeps_logits_and_softmax_of_every_segment():
-    h, W, labels = _inputs(B=3, T=9)
-    head = SegmentedHead((3, 9), W.detach(), direct=True, keep_probs=True)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_segmented_head_keeps_logits_and_softmax_of_every_segment(batch):
+    h, W, labels = _inputs(B=batch, T=9)
+    head = SegmentedHead((batch, 9), W.detach(), direct=True, keep_probs=True)
     Wt = W.detach().T.contiguous()
     for a, b in [(0, 4), (4, 8), (8, 9)]:
         p = head.segment(h[:, a:b], Wt, a, b, need_probs=True)
         expect = torch.softmax(h[:, a:b - 1] @ W.T, -1).detach().transpose(0, 1)
         torch.testing.assert_close(p, expect, rtol=0, atol=1e-12)
+        torch.testing.assert_close(head.probs_W_block(a, b - 1), expect @ W.detach(), rtol=0, atol=1e-12)
     logits, loss = head.finish(0, labels)
     torch.testing.assert_close(logits, (h @ W.T).detach(), rtol=0, atol=1e-12)
     expected = F.cross_entropy((h @ W.T).reshape(-1, W.shape[0]), labels.reshape(-1), ignore_index=-100)

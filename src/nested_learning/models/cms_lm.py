@@ -194,13 +194,14 @@ class CMSLanguageModel(LanguageModel):
         return self.norm(x), new_mixers, caches
 
     def _inner_grads(
-        self, probs, ids, h, W, caches, cms, outer: bool, meta: bool
+        self, probs, ids, h, W, caches, cms, outer: bool, meta: bool, probs_W=None
     ) -> list[list[torch.Tensor]]:
         """Per block, per level, the gradient of the segment's inner objective w.r.t. the flat fast weights.
 
         "lm": the loss's gradient at the final hidden state, dL/dh_t = (softmax_t - onehot(x_{t+1})) W (zero for the
         segment's last token), written out as softmax @ W - W[x_{t+1}] because (S, V) @ (V, d) with the head as
-        stored is a fast GEMM and the softmax buffer is then left as it is (the outer backward reuses it); then one
+        stored is a fast GEMM and the softmax buffer is then left as it is (the outer backward reuses it; ``probs_W``,
+        when the head already took that product for the outer backward, time-major ``(S-1, B, d)``); then one
         ``autograd.grad`` call from h to every level's pre-activation and branch output OF THIS SEGMENT
         (intermediate tensors, so the state at the segment start is held fixed and nothing else is computed). The
         weight gradients follow from these factors (``ContinuumMemorySystem.weight_grads``)."""
@@ -213,6 +214,8 @@ class CMSLanguageModel(LanguageModel):
         with torch.set_grad_enabled(meta):  # probs: softmax at positions 0..S-2 of the segment
             if meta:  # (B, S-1, V) with graph
                 dh = probs.to(W.dtype) @ W
+            elif probs_W is not None:
+                dh = probs_W.transpose(0, 1)
             else:  # time-major (S-1, B, V): one plain GEMM
                 dh = (probs.to(W.dtype) @ W).transpose(0, 1)
             dh = F.pad(dh - F.embedding(ids[:, 1:], W), (0, 0, 0, 1))  # (softmax - onehot(x_{t+1})) W
@@ -272,7 +275,9 @@ class CMSLanguageModel(LanguageModel):
                 grads = None
                 if inner:
                     Wi = W if meta else W.detach()
-                    grads = self._inner_grads(probs, ids[:, a:b], h, Wi, caches, cms, outer, meta)
+                    grads = self._inner_grads(
+                        probs, ids[:, a:b], h, Wi, caches, cms, outer, meta, head.probs_W_block(a, b - 1)
+                    )
             if not outer:
                 new_mixers = [m.detach() for m in new_mixers]
             if ends_on_boundary:  # the state here is the new snapshot; levels whose chunk ends here take their step

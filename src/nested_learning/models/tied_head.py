@@ -12,6 +12,11 @@ segment is then one contiguous block, and ``probs @ W`` one plain GEMM); the inn
 the backward of the outer loss reuses it instead of exponentiating the logits again. With ``onehot`` the label's
 one-hot row, the head's gradients are written as ``softmax @ W - W[label]`` and ``softmax^T h - scatter(h)``, so the
 (T, V) softmax is never modified for the labels. The cost is one extra (T, B, V) buffer while training.
+
+The product ``softmax @ W`` is likewise taken once per position. The CMS levels' inner gradient needs it for every
+segment (``dL/dh = softmax @ W - W[next token]``) and the outer backward needs it for every position (times the
+loss's per-position scale), so while training with labels each segment writes it into a ``(T, B, d)`` buffer that
+both read: one (T, V) x (V, d) GEMM per call instead of two, the second the size of the whole head.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ def nll_sum(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> to
     return ((lse - picked) * valid).sum()
 
 
-def softmax_into(p: torch.Tensor) -> torch.Tensor:
-    """Turn the logits held in ``p: (..., V)`` into their softmax in place; returns the log-sum-exp ``(...)``."""
-    m = p.amax(-1, keepdim=True)
-    p.sub_(m).exp_()
+def softmax_into(p: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Write the softmax of ``logits: (..., V)`` into ``p`` (same shape; by default p holds the logits and is
+    overwritten in place); returns the log-sum-exp ``(...)``."""
+    src = p if logits is None else logits
+    m = src.amax(-1, keepdim=True)
+    torch.sub(src, m, out=p).exp_()
     s = p.sum(-1, keepdim=True)
     p.div_(s)
     return (m + s.log()).squeeze(-1)
@@ -41,13 +48,14 @@ class TiedHead(torch.autograd.Function):
     backward is the usual one: ``d = dlogits + dloss (softmax - onehot)``, ``dh = d W``, ``dW = d^T h``.
     h: (B, T, d), W: (V, d), logits: (B, T, V), lse: (B, T) log-sum-exp of the logits, labels: (B, T) or None,
     probs: None or the softmax, time-major (T, B, V), which the first backward may overwrite (it is this call's
-    own buffer); a second backward (retain_graph) recomputes it from the logits."""
+    own buffer); a second backward (retain_graph) recomputes it from the logits. probs_W: None or ``probs @ W``,
+    time-major (T, B, d), already computed for the inner gradients (used by the first backward only)."""
 
     @staticmethod
-    def forward(ctx, h, W, logits, lse, labels, probs):
+    def forward(ctx, h, W, logits, lse, labels, probs, probs_W=None):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(h, W, logits, lse, labels)
-        ctx.probs = probs
+        ctx.probs, ctx.probs_W = probs, (probs_W if probs is not None else None)
         nll = nll_sum(logits, lse, labels) if labels is not None else logits.new_zeros(())
         return logits.view_as(logits), nll
 
@@ -58,19 +66,21 @@ class TiedHead(torch.autograd.Function):
         dh = dW = None
         want_h, want_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if g_nll is not None and labels is not None:
-            p, ctx.probs = ctx.probs, None
+            (p, pW), ctx.probs, ctx.probs_W = (ctx.probs, ctx.probs_W), None, None
             if p is None:  # recompute the softmax (time-major, as the forward stores it)
                 p = (logits - lse[..., None]).exp_().transpose(0, 1).contiguous()
-            scale = ((labels != -100) * g_nll).to(W.dtype)  # (B, T)
-            p.mul_(scale.T[..., None])  # (T, B, V): dloss * softmax
+            scale = ((labels != -100) * g_nll).to(W.dtype)  # (B, T): dloss / dlogits = scale * (softmax - onehot)
             T, B, V = p.shape
             rows = p.view(T * B, V)
             target = labels.clamp_min(0)
+            h_scaled = hd * scale[..., None]  # the scale goes on the small factor of each product
             if want_h:
-                dh = (rows @ W).view(T, B, -1).transpose(0, 1) - scale[..., None] * F.embedding(target, W)
+                if pW is None:
+                    pW = (rows @ W).view(T, B, -1)
+                dh = scale[..., None] * (pW.transpose(0, 1) - F.embedding(target, W))
             if want_W:
-                dW = rows.T @ hd.transpose(0, 1).reshape(T * B, -1)
-                dW.index_add_(0, target.reshape(-1), (hd * scale[..., None]).reshape(B * T, -1), alpha=-1)
+                dW = rows.T @ h_scaled.transpose(0, 1).reshape(T * B, -1)
+                dW.index_add_(0, target.reshape(-1), h_scaled.reshape(B * T, -1), alpha=-1)
         if g_logits is not None:
             g = g_logits.to(W.dtype)
             if want_h:
@@ -80,15 +90,15 @@ class TiedHead(torch.autograd.Function):
                 dW = extra if dW is None else dW + extra
         if dh is not None:
             dh = dh.to(h.dtype)
-        return dh, dW, None, None, None, None
+        return dh, dW, None, None, None, None, None
 
 
 class SegmentedHead:
     """Collects the logits of a call's segments; ``shape = (B, L)`` of the ids run (pending tokens included).
 
     ``direct``: logits without graph into one buffer (first-order training and no-grad use); ``keep_probs``: keep
-    every position's softmax for the outer backward (direct training with labels). Otherwise (meta) per-segment
-    logits with graph and a per-segment log-softmax."""
+    every position's softmax and its product with the head, ``softmax @ W``, for the outer backward (direct training
+    with labels). Otherwise (meta) per-segment logits with graph and a per-segment log-softmax."""
 
     def __init__(self, shape, W: torch.Tensor, direct: bool, keep_probs: bool = False):
         self.W, self.direct = W, direct
@@ -96,6 +106,7 @@ class SegmentedHead:
         V = W.shape[0]
         self.buffer = W.new_empty(B, L, V) if direct else None
         self.probs = W.new_empty(L, B, V) if direct and keep_probs else None
+        self.probs_W = W.new_empty(L, B, W.shape[1]) if self.probs is not None else None
         self.scratch = None
         self.h, self.lse, self.logits, self.logp = [], [], [], []
 
@@ -111,7 +122,8 @@ class SegmentedHead:
     def segment(self, h: torch.Tensor, Wt: torch.Tensor, a: int, b: int, need_probs: bool):
         """Logits of positions a..b-1 from the final hidden state ``h: (B, b-a, d)``; returns the softmax of the
         first b-a-1 positions when ``need_probs`` (for the inner gradient), else None. In direct mode that softmax
-        is TIME-MAJOR, ``(b-a-1, B, V)``; in meta mode it is ``(B, b-a-1, V)`` with graph."""
+        is TIME-MAJOR, ``(b-a-1, B, V)``; in meta mode it is ``(B, b-a-1, V)`` with graph. With ``keep_probs``,
+        ``probs_W_block(a, b - 1)`` then holds those positions' ``softmax @ W``."""
         if self.direct:
             logits = self.buffer[:, a:b]
             hd = h.detach().to(Wt.dtype)
@@ -119,10 +131,17 @@ class SegmentedHead:
                 p = self._probs_block(a, b)
                 S, B, V = p.shape
                 with torch.autocast(h.device.type, enabled=False):  # the buffers have the head's dtype
-                    # one 2-D GEMM into the contiguous block (matmul with a strided input and out= is ~3x slower)
-                    torch.mm(hd.transpose(0, 1).reshape(S * B, -1), Wt, out=p.view(S * B, V))
-                logits.copy_(p.transpose(0, 1))
-                lse = softmax_into(p).transpose(0, 1)
+                    # one 2-D GEMM into a contiguous block (matmul with a strided input and out= is ~3x slower)
+                    if B == 1:  # time-major and batch-major blocks coincide: the GEMM writes the logits, then
+                        torch.mm(hd.reshape(S, -1), Wt, out=logits.view(S, V))  # one pass writes their softmax
+                        lse = softmax_into(p, logits.view(S, 1, V)).transpose(0, 1)
+                    else:
+                        torch.mm(hd.transpose(0, 1).reshape(S * B, -1), Wt, out=p.view(S * B, V))
+                        logits.copy_(p.transpose(0, 1))
+                        lse = softmax_into(p).transpose(0, 1)
+                if self.probs_W is not None:
+                    with torch.autocast(h.device.type, enabled=False):
+                        torch.mm(p.view(S * B, V), self.W.detach(), out=self.probs_W[a:b].view(S * B, -1))
             else:
                 with torch.autocast(h.device.type, enabled=False):
                     if logits.is_contiguous():
@@ -139,6 +158,10 @@ class SegmentedHead:
         self.logp.append(logp)
         return logp[:, :-1].exp() if need_probs else None
 
+    def probs_W_block(self, a: int, b: int) -> torch.Tensor | None:
+        """``softmax @ W`` of positions a..b-1, time-major ``(b-a, B, d)``, or None when it is not kept."""
+        return None if self.probs_W is None else self.probs_W[a:b]
+
     def finish(self, P: int, labels: torch.Tensor | None):
         """``(logits of the new tokens (B, T, V), mean NLL of labels or None)``; the first P positions were pending."""
         n = None if labels is None else int((labels != -100).sum())
@@ -147,7 +170,10 @@ class SegmentedHead:
             lse = torch.cat(self.lse, dim=1)[:, P:] if self.lse else logits.new_zeros(logits.shape[:2])
             if torch.is_grad_enabled() and self.h:  # attach the head's graph once for the whole call
                 probs = self.probs[P:] if self.probs is not None else None
-                logits, total = TiedHead.apply(torch.cat(self.h, dim=1)[:, P:], self.W, logits, lse, labels, probs)
+                probs_W = self.probs_W[P:] if self.probs_W is not None else None
+                logits, total = TiedHead.apply(
+                    torch.cat(self.h, dim=1)[:, P:], self.W, logits, lse, labels, probs, probs_W
+                )
             else:
                 total = nll_sum(logits, lse, labels) if labels is not None else None
         else:
