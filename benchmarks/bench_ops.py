@@ -1,6 +1,6 @@
 """Chunked vs recurrent delta rule (Eq 65/88/93) on CPU, with the chunked form's FLOP/s against a same-run matmul.
 
-    python benchmarks/bench_ops.py [--threads 2] [--chunk-size 64] [--quick]
+    python benchmarks/bench_ops.py [--threads 2] [--chunk-size 64] [--quick] [--omp-wait passive|active|default]
 
 Shapes: B=1, H=4, Dk=Dv=d=64, fp32, unit keys, eta in (0, 1), alpha in (0.9, 1).
 
@@ -17,22 +17,43 @@ chunk the affine map A = gamma I - K_tail^T W2, Bc = K_tail^T W1 (4d^2), the rec
 the extra work moves the recurrence out of the chunk loop into batched products.
 Forward+backward is counted as 3x the forward.
 
-OpenMP threads wait passively by default (OMP_WAIT_POLICY=PASSIVE unless set): on a machine whose cores are shared
-with other jobs, spinning threads that get descheduled make small ops many times slower and the timings erratic.
+OpenMP threads wait passively by default (``--omp-wait passive``, i.e. OMP_WAIT_POLICY=PASSIVE): on a machine whose
+cores are shared with other jobs, spinning threads that get descheduled make small ops many times slower and the
+timings erratic. ``--omp-wait default`` leaves the policy unset (OpenMP spins a while, then sleeps: what a user gets
+without setting anything), ``active`` spins. The chunked form adapts: under the passive policy it runs its recurrence
+and small solves on one thread, otherwise on the caller's threads.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first import of torch
+
+def _omp_wait_from_argv() -> str | None:
+    """``--omp-wait`` read before torch is imported (OpenMP reads the policy once, when it loads)."""
+    argv = sys.argv[1:]
+    for i, a in enumerate(argv):
+        if a.startswith("--omp-wait="):
+            return a.split("=", 1)[1]
+        if a == "--omp-wait" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+OMP_WAIT = _omp_wait_from_argv()
+if OMP_WAIT == "default":
+    os.environ.pop("OMP_WAIT_POLICY", None)
+elif OMP_WAIT in ("passive", "active"):
+    os.environ["OMP_WAIT_POLICY"] = OMP_WAIT.upper()
+else:  # not given: an OMP_WAIT_POLICY already set is kept
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import matmul_flops_per_s, time_fn  # noqa: E402
@@ -91,6 +112,11 @@ def main() -> None:
     )
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 512 2048 8192)")
     parser.add_argument("--no-backward", action="store_true", help="time the forward pass only")
+    parser.add_argument(
+        "--omp-wait", choices=("passive", "active", "default"),
+        help="OpenMP wait policy of this run; 'default' leaves it unset (without the flag: OMP_WAIT_POLICY as set,"
+        " else passive)",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -101,7 +127,7 @@ def main() -> None:
     rec_max_T = 1024 if args.quick else 2048  # longer recurrent runs are extrapolated linearly in T
     print(
         f"delta rule, B={B} H={H} Dk=Dv={D} fp32, chunk_size={C}, threads={args.threads}, fastest of >= {iters},"
-        f" OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, load average {os.getloadavg()[0]:.1f}"
+        f" OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average {os.getloadavg()[0]:.1f}"
     )
     print(
         f"{'T':>6} {'pass':>8} {'chunk ms':>10} {'recur ms':>10} {'ratio':>8} {'GFLOP/s':>9} {'matmul':>9} {'fraction':>9} {'executed':>9}"
