@@ -278,13 +278,22 @@ class ContinuumMemorySystem(nn.Module):
         weights, accs = list(state.weights), list(state.grads)
         for lv, C in enumerate(self.chunk_sizes):
             if grads is not None:
-                accs[lv] = accs[lv] + grads[lv].to(accs[lv].dtype)
+                g = grads[lv].to(accs[lv].dtype)
+                # a level whose chunk is one segment steps at every boundary, so its accumulator holds zero here
+                accs[lv] = g if C == self.segment_size else accs[lv] + g
             if end % C == 0:
-                step = accs[lv] / C  # the chunk's mean gradient, per batch element
-                if self.grad_clip is not None:  # a trust region: at most grad_clip long (see the module doc)
-                    step = step * (self.grad_clip / step.norm(dim=1, keepdim=True).clamp_min(self.grad_clip))
-                weights[lv] = weights[lv] - lr[lv].to(step.dtype) * step
-                accs[lv] = torch.zeros_like(accs[lv])
+                acc = accs[lv]
+                # theta <- theta - lr * step, step = acc / C (the chunk's mean gradient, per batch element), clipped
+                # to at most grad_clip long (a trust region, see the module doc): every factor but acc is (B, 1),
+                # so the update is one pass over the weights
+                coef = lr[lv].to(acc.dtype) / C
+                if self.grad_clip is not None:
+                    norm = acc.norm(dim=1, keepdim=True) / C
+                    coef = coef * (self.grad_clip / norm.clamp_min(self.grad_clip))
+                else:
+                    coef = coef.expand(acc.shape[0], 1)
+                weights[lv] = torch.addcmul(weights[lv], acc, coef, value=-1.0)
+                accs[lv] = torch.zeros_like(acc)
         if self.variant == "nested":
             # slowest first, so a boundary of the slowest level restarts the whole hierarchy from it
             for s in range(self.n_levels - 2, -1, -1):
