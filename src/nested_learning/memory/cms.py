@@ -290,8 +290,6 @@ class ContinuumMemorySystem(nn.Module):
                 if self.grad_clip is not None:
                     norm = acc.norm(dim=1, keepdim=True) / C
                     coef = coef * (self.grad_clip / norm.clamp_min(self.grad_clip))
-                else:
-                    coef = coef.expand(acc.shape[0], 1)
                 weights[lv] = torch.addcmul(weights[lv], acc, coef, value=-1.0)
                 accs[lv] = torch.zeros_like(acc)
         if self.variant == "nested":

@@ -47,9 +47,9 @@ class TiedHead(torch.autograd.Function):
     """``logits = h W^T`` and the summed NLL of ``labels``, both already computed with W held constant; the
     backward is the usual one: ``d = dlogits + dloss (softmax - onehot)``, ``dh = d W``, ``dW = d^T h``.
     h: (B, T, d), W: (V, d), logits: (B, T, V), lse: (B, T) log-sum-exp of the logits, labels: (B, T) or None,
-    probs: None or the softmax, time-major (T, B, V), which the first backward may overwrite (it is this call's
-    own buffer); a second backward (retain_graph) recomputes it from the logits. probs_W: None or ``probs @ W``,
-    time-major (T, B, d), already computed for the inner gradients (used by the first backward only)."""
+    probs: None or the softmax, time-major (T, B, V) (this call's own buffer, released by the first backward; a
+    second backward, with retain_graph, recomputes it from the logits). probs_W: None or ``probs @ W``, time-major
+    (T, B, d), already computed for the inner gradients (used by the first backward only, like probs)."""
 
     @staticmethod
     def forward(ctx, h, W, logits, lse, labels, probs, probs_W=None):
