@@ -101,8 +101,8 @@ def bench_delta_rule(device, B, T, H, D, dtype, iters, results: dict) -> None:
         _measure(f"delta_rule {label} fwd+bwd ms", run(backend, True), results)
 
 
-def equal_size_transformer(hope: torch.nn.Module, dim: int, heads: int, layers: int, vocab: int, T: int):
-    """A Transformer++ of HOPE's width and depth whose MLP width gives HOPE's parameter count."""
+def equal_size_transformer(n_params: int, dim: int, heads: int, layers: int, vocab: int, T: int):
+    """A Transformer++ of the given width and depth whose MLP width gives ``n_params`` parameters (HOPE's)."""
     def count(m):
         return sum(p.numel() for p in m.parameters())
 
@@ -112,7 +112,7 @@ def equal_size_transformer(hope: torch.nn.Module, dim: int, heads: int, layers: 
 
     with torch.device("meta"):
         at_64, at_128 = count(with_hidden(64)), count(with_hidden(128))  # linear in the MLP width
-    exact = 64 + (count(hope) - at_64) / (at_128 - at_64) * 64
+    exact = 64 + (n_params - at_64) / (at_128 - at_64) * 64
     return with_hidden(max(32, 32 * round(exact / 32)))  # SwiGLU rounds its width up to a multiple of 32
 
 
@@ -138,11 +138,13 @@ def bench_models(device, dim, heads, layers, vocab, T, iters, compile_titans: bo
     def hope(**kw):
         return build_model("hope", "tiny", dim=dim, n_heads=heads, n_layers=layers, vocab_size=vocab, **kw)
 
-    results["params"] = sum(p.numel() for p in hope().parameters())
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in hope().parameters())
+    results["params"] = n_params
     _measure("HOPE tok/s", tokens_per_s(hope), results)
     if compile_titans:
         _measure("HOPE compiled tok/s", tokens_per_s(lambda: hope(titans_compile="inductor")), results)
-    _measure("Transformer++ tok/s", tokens_per_s(lambda: equal_size_transformer(hope(), dim, heads, layers,
+    _measure("Transformer++ tok/s", tokens_per_s(lambda: equal_size_transformer(n_params, dim, heads, layers,
                                                                                   vocab, T)), results)
 
 
