@@ -218,8 +218,8 @@ class SelfModifyingTitans(nn.Module):
         """Run every whole Eq 90 chunk through ``torch.compile`` of ``fused_chunk_step`` (one compiled copy shared
         by all layers; partial chunks at a call's edges stay eager). MLP memories in the fused mode only.
 
-        On a 2-core CPU (1 thread, T=512) HOPE tiny's training step ran 1.28x faster with it than with the eager
-        fused step (``benchmarks/bench_hope_chunk_step.py``); the first compilation takes minutes (inductor builds
+        On a 2-core CPU (1 thread, T=512) HOPE tiny's training step ran 1.22x faster with it than with the eager
+        fused step (``benchmarks/bench_hope_chunk_step.py``); the first compilation took 31 s (inductor builds
         C++ kernels; later processes reuse its cache in seconds). If compilation fails, a warning is issued and the eager step
         runs instead. ``backend=None`` switches back to eager."""
         if backend is not None and not self.fused:
