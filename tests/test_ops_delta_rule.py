@@ -303,6 +303,24 @@ def test_chunk_keeps_the_thread_count():
     assert torch.get_num_threads() == n
 
 
+@pytest.mark.parametrize("policy, expect_switch", [("PASSIVE", True), ("passive", True), ("ACTIVE", False), (None, False)])
+def test_recurrence_runs_on_one_thread_only_when_threads_sleep(monkeypatch, policy, expect_switch):
+    from nested_learning.ops import delta_rule_chunk as dc
+
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    calls, set_threads = [], torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n) or set_threads(n))
+    n = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # as on a 2-core machine, whatever this one has
+    A, Bc, R0 = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.randn(2, 4, 4)
+    torch.testing.assert_close(dc.chunk_scan(A, Bc, R0), dc.chunk_scan_reference(A, Bc, R0))
+    assert calls == ([1, 2] if expect_switch else [])
+    set_threads(n)
+
+
 def _fla_naive():
     """fla-core's torch reference of the gated delta rule, loaded from its file (the package itself needs triton)."""
     import importlib.util
