@@ -56,15 +56,16 @@ def test_fast_path_equals_reference(retention, grad_clip, activation, cuts):
 
 def test_whole_chunks_take_the_fast_path(monkeypatch):
     """A call that starts 2 tokens into a chunk: its first piece (2 tokens) and its tail (3) take ``_segment``,
-    the 3 whole chunks between them take ``mlp_chunk_step``, once each."""
+    the 3 whole chunks between them take the chunk step (``mlp_chunk_step`` with its hand-written backward), once
+    each."""
     calls = []
 
     def counting(*args):
         calls.append(args[6].shape[1])  # k: (N, n, dh)
         return step(*args)
 
-    step = nm.mlp_chunk_step
-    monkeypatch.setattr(nm, "mlp_chunk_step", counting)
+    step = nm.mlp_chunk_step_hand_grad
+    monkeypatch.setattr(nm, "mlp_chunk_step_hand_grad", counting)
     fast, _ = _pair()
     _, state = fast(torch.randn(1, 2, 8, dtype=torch.float64))
     assert calls == []

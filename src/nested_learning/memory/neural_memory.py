@@ -44,7 +44,8 @@ momentum, decay and reads still run per token). Both equal their own token loops
 
 Fast path (``fused=True``, the default). Whole chunks of an MLP memory with Eq 90 gradients run through
 ``neural_memory_fused.mlp_chunk_step``: the same formulas, with everything that does not depend on the running
-memory batched over all chunks of a call, and optionally compiled (``compile_chunk_step``). ``_segment`` is the
+memory batched over all chunks of a call, and a hand-written backward per chunk (``neural_memory_chunk_grad``,
+tested against autograd through ``mlp_chunk_step``), or compiled (``compile_chunk_step``). ``_segment`` is the
 reference it is tested against; it also runs partial chunks at a call's edges and every other memory.
 """
 
@@ -61,6 +62,7 @@ from ..ops._validation import check_int, check_layer_input
 from .compiled_steps import compiled, warn_eager_fallback
 from .conv import ShortConv
 from .memories import FastWeightMemory, LinearMemory, MLPMemory
+from .neural_memory_chunk_grad import mlp_chunk_step_hand_grad
 from .neural_memory_fused import gate_terms, mlp_chunk_step
 from .state import LayerState
 
@@ -283,13 +285,13 @@ class NeuralMemory(nn.Module):
 
     def _chunk_step(self, *args):
         if self.compile_backend is None:
-            return mlp_chunk_step(*args)
+            return mlp_chunk_step_hand_grad(*args)
         try:
             return compiled(mlp_chunk_step, self.compile_backend)(*args)
         except Exception as err:  # e.g. no C compiler for inductor: the eager step computes the same thing
             warn_eager_fallback("neural memory's chunk step", self.compile_backend, err, stacklevel=4)
             self.compile_backend = None
-            return mlp_chunk_step(*args)
+            return mlp_chunk_step_hand_grad(*args)
 
     def compile_chunk_step(self, backend: str | None = "inductor") -> NeuralMemory:
         """Run the whole chunks of the fast path through ``torch.compile`` of ``mlp_chunk_step`` (one compiled copy

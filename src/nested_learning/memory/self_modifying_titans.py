@@ -22,7 +22,8 @@ Eq 83-88 exactly. The inputs of chunk c depend on the memories after chunk c-1, 
 chunk's update is a delta rule (``ops.delta_rule`` in chunk mode), see ``self_modifying_memories.py`` for the matrix
 memories (all five stacked into one state, one delta rule per chunk) and the Eq 89 MLP memories (DGD per layer). By
 default (``op_mode="fused"``) the MLP memories run the same step box-major with ``ops.delta_rule_one_chunk``
-(``fused_chunk_step``; tested against the ``ops.delta_rule`` form and the plain token loop), optionally compiled.
+(``fused_chunk_step``; tested against the ``ops.delta_rule`` form and the plain token loop), with a hand-written
+backward (``self_modifying_chunk_grad``, tested against autograd through ``fused_chunk_step``) or compiled.
 
 Read choice: o_t = M_{memory,t-1}(q_t), the running memory *before* token t's write, also inside a chunk (the op's
 read="before"). With chunk_size=1 this is Eq 83's y_t = M_{memory,t-1}(q_t) exactly, and with larger chunks a token
@@ -43,9 +44,11 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops._validation import check_int, check_layer_input
+from ..ops.threads import one_thread_if_threads_sleep
 from .compiled_steps import compiled, warn_eager_fallback
 from .conv import ShortConv
 from .neural_memory import chunk_sizes
+from .self_modifying_chunk_grad import fused_chunk_step_hand_grad
 from .self_modifying_memories import LinearSelfModifyingMemories, MLPSelfModifyingMemories, fused_chunk_step
 from .state import LayerState
 
@@ -162,7 +165,8 @@ class SelfModifyingTitans(nn.Module):
             # A call may start or end inside a chunk; chunks stay aligned to the stream's absolute positions.
             sizes = chunk_sizes(T, self.chunk_size, state.pos)
             run = self._chunks_fused if self.fused else self._chunks
-            o, S, S_c, pos = run(hx, q, S, S_c, state.pos, sizes)
+            with one_thread_if_threads_sleep(x.device):  # the loop's ops are small (see ops.threads)
+                o, S, S_c, pos = run(hx, q, S, S_c, state.pos, sizes)
         return o, SelfModifyingTitansState(S, S_c, conv, pos)
 
     @property
@@ -206,13 +210,13 @@ class SelfModifyingTitans(nn.Module):
     def _fused_step(self, R_c, R, x, q, R_0, gate_bias, whole: bool):
         mem = self.memories
         if self.compile_backend is None or not whole:  # partial chunks stay eager: one compiled shape per layer
-            return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias)
+            return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias, step=fused_chunk_step_hand_grad)
         try:
             return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias, step=compiled(fused_chunk_step, self.compile_backend))
         except Exception as err:  # e.g. no C compiler for inductor: the eager step computes the same thing
             warn_eager_fallback("self-modifying Titans chunk step", self.compile_backend, err, stacklevel=2)
             self.compile_backend = None
-            return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias)
+            return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias, step=fused_chunk_step_hand_grad)
 
     def compile_chunk_step(self, backend: str | None = "inductor") -> SelfModifyingTitans:
         """Run every whole Eq 90 chunk through ``torch.compile`` of ``fused_chunk_step`` (one compiled copy shared

@@ -30,41 +30,11 @@ these sizes), so no operand is copied only to be transposed.
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 
 from ._common import chunk_log_decay, decay_matrix, factored_decay_ok, from_chunks, to_chunks
 from ._common import scale_rows as _rows
-
-
-def _threads_sleep_between_ops() -> bool:
-    """Whether OpenMP's idle threads sleep at once (OMP_WAIT_POLICY=PASSIVE): then every parallel region wakes them."""
-    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
-
-
-@contextlib.contextmanager
-def _one_thread(device: torch.device):
-    """Run a stretch of small dependent CPU ops on one thread when idle threads sleep between ops (restored
-    afterwards, also on error).
-
-    Every op of the chunk recurrence and of a batched 64 x 64 triangular solve is too small to split, yet with
-    more threads each one opens a parallel region: with passive waiting (OMP_WAIT_POLICY=PASSIVE) that costs a
-    wake-up per op, which made both 2-10x slower at 2 threads than at 1. With OpenMP's default policy (threads spin
-    a while before sleeping) the recurrence runs faster on the caller's threads (3.6 ms at one thread against 2.3 ms
-    at two for T = 8192, four heads, on a 2-core machine), so the thread count is left alone there. No effect on
-    other devices.
-    """
-    n = torch.get_num_threads()
-    if device.type != "cpu" or n == 1 or not _threads_sleep_between_ops():
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+from .threads import one_thread_if_threads_sleep as _one_thread
 
 
 def unit_lower_inverse_reference(L: torch.Tensor) -> torch.Tensor:

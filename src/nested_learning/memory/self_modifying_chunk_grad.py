@@ -1,0 +1,238 @@
+"""``fused_chunk_step`` (self-modifying Titans' Eq 90 chunk of the Eq 89 MLP memories) with a hand-written backward.
+
+Autograd's backward of one 16-token chunk of HOPE tiny ran ~3.5x its forward: hundreds of small ops (the three
+delta rules' decay and gate terms, the broadcast boxes, normalisations and gates each get their own backward nodes).
+Here the forward keeps its intermediates and the backward is the chain rule written out once, with the three delta
+rules' backward from ``ops.delta_rule_one_chunk_grad``; both run their small ops on one thread when OpenMP's idle
+threads sleep (``ops.threads``).
+
+Reference: ``fused_chunk_step`` differentiated by autograd, which this equals (tests: fp64, the gradient of every
+input, both objectives, with and without value normalisation and retention toward the initial memories, chunk-start
+state equal to or distinct from the running state). Under ``create_graph`` the backward is autograd through the
+reference, so higher derivatives stay exact.
+
+Notation follows ``fused_chunk_step``: memories at the chunk start R_c = (R2c, R1c, RGc) evaluated on x (zx, hx, px,
+gx), the keys and values k, v and gates eta, alpha, the five memories on u = [v; k] (z, h, main, gate), the errors
+e_main, e_gate, the W2 layers' output gradient delta2, and the three DGD steps (W2 layers, W1 main layers, W1 gate
+layers) on the running state R.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.delta_rule_one_chunk_grad import one_chunk_backward, one_chunk_forward
+from ..ops.threads import one_thread_if_threads_sleep
+from .neural_memory_chunk_grad import activation_derivatives
+from .self_modifying_memories import fused_chunk_step
+
+_EPS = 1e-12  # F.normalize's
+
+
+def _normalize_backward(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Gradient of y = x / max(||x||, eps) along the last dimension."""
+    norm = x.norm(dim=-1, keepdim=True)
+    on = (norm >= _EPS).to(x.dtype)
+    return (g - on * y * (y * g).sum(-1, keepdim=True)) / norm.clamp_min(_EPS)
+
+
+def _gelu_backward(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.gelu_backward(g, z)
+
+
+class _FusedChunkStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, objective, value_norm, initial, *tensors):
+        with one_thread_if_threads_sleep(tensors[0].device):
+            return _FusedChunkStep._forward(ctx, objective, value_norm, initial, *tensors)
+
+    @staticmethod
+    def _forward(ctx, objective, value_norm, initial, *tensors):
+        R2c, R1c, RGc, R2, R1, RG, x, q = tensors[:8]
+        R2_0, R1_0, RG_0 = tensors[8:11] if initial else (None, None, None)
+        gate_bias = tensors[-1]
+        n = x.shape[1]
+        zx = x @ R2c
+        hx = F.gelu(zx)
+        px = x + hx[:3] @ R1c
+        gx = (hx[3:] @ RGc).squeeze(-1)
+        k = F.normalize(px[0], dim=-1)
+        v = F.normalize(px[1], dim=-1) if value_norm else px[1]
+        eta = torch.sigmoid(gx[0] + gate_bias[:, :1])
+        alpha = torch.sigmoid(gx[1] + gate_bias[:, 1:])
+        u = torch.cat([v, k], dim=1)
+        z = u @ R2c
+        h = F.gelu(z)
+        main = u + h[:3] @ R1c
+        gate = (h[3:] @ RGc).squeeze(-1)
+        zk, hk = z[:, :, n:], h[:, :, n:]
+        if objective == "l2":
+            e_main, e_gate = main[:, :, n:] - main[:, :, :n], gate[:, :, n:] - gate[:, :, :n]
+        else:
+            e_main, e_gate = -main[:, :, :n], -gate[:, :, :n]
+        back = torch.cat([e_main @ R1c.mT, e_gate.unsqueeze(-1) @ RGc.mT])
+        delta2 = _gelu_backward(back, zk)
+        err_main, err_gate = e_main, e_gate.unsqueeze(-1)
+        if initial:
+            R2, R1, RG = R2 - R2_0, R1 - R1_0, RG - RG_0
+            delta2 = delta2 + k @ R2_0
+            err_main, err_gate = err_main + hk[:3] @ R1_0, err_gate + hk[3:] @ RG_0
+        o2, R2n, s2 = one_chunk_forward(k, -delta2, eta, alpha, R2, q, read_from=2)
+        if initial:
+            o2 = o2 + q @ R2_0[2]
+        hq = F.gelu(o2)
+        hk_sq = hk.square().sum(-1)
+        step = eta / (1 + eta * hk_sq)
+        o1, R1n, s1 = one_chunk_forward(hk[:3], -err_main, step[:3], alpha, R1, hq, read_from=2)
+        _, RGn, sG = one_chunk_forward(hk[3:], -err_gate, step[3:], alpha, RG)
+        if initial:
+            o1 = o1 + hq @ R1_0[2]
+            R2n, R1n, RGn = R2n + R2_0, R1n + R1_0, RGn + RG_0
+        y = q + o1
+
+        ctx.objective, ctx.value_norm, ctx.initial, ctx.n_tensors = objective, value_norm, initial, len(tensors)
+        ctx.steps = (s2, s1, sG)  # the delta rules' saved values (tensors computed here, no graph)
+        ctx.save_for_backward(
+            *tensors, zx, hx, px, k, v, eta, alpha, u, z, h, e_main, e_gate, back, delta2, o2, hq, hk_sq, step
+        )
+        return y, R2n, R1n, RGn
+
+    @staticmethod
+    def backward(ctx, *grads):
+        with one_thread_if_threads_sleep(grads[0].device):
+            return _FusedChunkStep._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx, gy, gR2n, gR1n, gRGn):
+        saved = ctx.saved_tensors
+        m = ctx.n_tensors
+        tensors, initial = saved[:m], ctx.initial
+        if torch.is_grad_enabled():  # create_graph: autograd through the reference keeps higher derivatives exact
+            return _reference_backward(ctx, tensors, (gy, gR2n, gR1n, gRGn))
+        R2c, R1c, RGc, R2, R1, RG, x, q = tensors[:8]
+        R2_0, R1_0, RG_0 = tensors[8:11] if initial else (None, None, None)
+        (zx, hx, px, k, v, eta, alpha, u, z, h, e_main, e_gate, back, delta2, o2, hq, hk_sq, step) = saved[m:]
+        s2, s1, sG = ctx.steps
+        n = x.shape[1]
+        hk = h[:, :, n:]
+
+        g_q = gy
+        g_o1 = gy
+        g_R2_0 = g_R1_0 = g_RG_0 = None
+        if initial:  # R*n = R*n' + R*_0, o1 = o1' + hq R1_0[2]
+            g_R2_0, g_R1_0, g_RG_0 = gR2n.clone(), gR1n.clone(), gRGn.clone()
+            g_R1_0[2] += hq.mT @ g_o1
+        g_hq = g_o1 @ R1_0[2].mT if initial else torch.zeros_like(hq)
+
+        # the W1 gate layers and the W1 main layers (DGD with the Sherman-Morrison step, read by hq)
+        gk_G, gv_G, gstep_G, galpha, gR_G, _ = one_chunk_backward(sG, gRGn, None)
+        gk_1, gv_1, gstep_1, galpha_1, gR_1, gq_1 = one_chunk_backward(s1, gR1n, g_o1)
+        g_hk = torch.cat([gk_1, gk_G])
+        g_err_main, g_err_gate = -gv_1, -gv_G
+        g_step = torch.cat([gstep_1, gstep_G])
+        galpha = galpha + galpha_1
+        g_hq = g_hq + gq_1
+        # step = eta / (1 + eta |hk|^2)
+        denom2 = (1 + eta * hk_sq).square()
+        g_eta = (g_step / denom2).sum(0)
+        g_hk = g_hk - (2 * g_step * eta.square() / denom2).unsqueeze(-1) * hk
+        # hq = gelu(o2), o2 = o2' + q R2_0[2]
+        g_o2 = _gelu_backward(g_hq, o2)
+        if initial:
+            g_q = g_q + g_o2 @ R2_0[2].mT
+            g_R2_0[2] += q.mT @ g_o2
+        # the W2 layers (DGD with the unit key k, read by q)
+        gk_2, gv_2, geta_2, galpha_2, gR_2, gq_2 = one_chunk_backward(s2, gR2n, g_o2)
+        g_k = gk_2
+        g_delta2 = -gv_2
+        g_eta = g_eta + geta_2
+        galpha = galpha + galpha_2
+        g_q = g_q + gq_2
+        g_R2, g_R1, g_RG = gR_2, gR_1, gR_G
+        if initial:  # R* - R*_0, delta2 + k R2_0, err + hk R*_0
+            g_R2_0 -= g_R2
+            g_R1_0 -= g_R1
+            g_RG_0 -= g_RG
+            g_k = g_k + (g_delta2 @ R2_0.mT).sum(0)
+            g_R2_0 += k.mT @ g_delta2
+            g_hk = g_hk + torch.cat([g_err_main @ R1_0.mT, g_err_gate @ RG_0.mT])
+            g_R1_0 += hk[:3].mT @ g_err_main
+            g_RG_0 += hk[3:].mT @ g_err_gate
+        g_e_main, g_e_gate = g_err_main, g_err_gate.squeeze(-1)
+
+        # delta2 = gelu'(zk) back, back = [e_main R1c^T; e_gate RGc^T]
+        zk = z[:, :, n:]
+        d1 = activation_derivatives("gelu", zk, second=False)
+        g_back = d1 * g_delta2
+        g_zk = activation_derivatives("gelu", zk, second=True) * back * g_delta2
+        g_e_main = g_e_main + g_back[:3] @ R1c
+        g_R1c = g_back[:3].mT @ e_main
+        g_e_gate = g_e_gate + (g_back[3:] @ RGc).squeeze(-1)
+        g_RGc = g_back[3:].mT @ e_gate.unsqueeze(-1)
+
+        # errors from the five memories on u = [v; k]
+        g_main = u.new_zeros(3, *u.shape)
+        g_gate = u.new_zeros(2, *u.shape[:-1])
+        if ctx.objective == "l2":
+            g_main[:, :, n:], g_main[:, :, :n] = g_e_main, -g_e_main
+            g_gate[:, :, n:], g_gate[:, :, :n] = g_e_gate, -g_e_gate
+        else:
+            g_main[:, :, :n], g_gate[:, :, :n] = -g_e_main, -g_e_gate
+        # main = u + h[:3] R1c, gate = h[3:] RGc, h = gelu(z), z = u R2c
+        g_h = torch.cat([g_main @ R1c.mT, g_gate.unsqueeze(-1) @ RGc.mT])
+        g_h[:, :, n:] += g_hk
+        g_R1c += h[:3].mT @ g_main
+        g_RGc += h[3:].mT @ g_gate.unsqueeze(-1)
+        g_z = _gelu_backward(g_h, z)
+        g_z[:, :, n:] += g_zk
+        g_u = g_main.sum(0) + (g_z @ R2c.mT).sum(0)
+        g_R2c = u.mT @ g_z
+        g_v, g_k = g_u[:, :n], g_k + g_u[:, n:]
+
+        # eta = sigmoid(gx0 + b0), alpha = sigmoid(gx1 + b1); k = normalize(px0), v = normalize(px1) or px1
+        g_gx = torch.stack([g_eta * eta * (1 - eta), galpha * alpha * (1 - alpha)])
+        g_gate_bias = g_gx.sum(-1).mT  # (M, 2)
+        g_px = torch.stack([
+            _normalize_backward(px[0], k, g_k),
+            _normalize_backward(px[1], v, g_v) if ctx.value_norm else g_v,
+        ])
+        # px = x + hx[:3] R1c (the memory box's output on x is unused), gx = hx[3:] RGc, hx = gelu(zx), zx = x R2c
+        g_hx = torch.cat([g_px @ R1c[:2].mT, torch.zeros_like(hx[2:3]), g_gx.unsqueeze(-1) @ RGc.mT])
+        g_R1c[:2] += hx[:2].mT @ g_px
+        g_RGc += hx[3:].mT @ g_gx.unsqueeze(-1)
+        g_zx = _gelu_backward(g_hx, zx)
+        g_x = g_px.sum(0) + (g_zx @ R2c.mT).sum(0)
+        g_R2c += x.mT @ g_zx
+
+        out = [g_R2c, g_R1c, g_RGc, g_R2, g_R1, g_RG, g_x, g_q]
+        if initial:
+            out += [g_R2_0, g_R1_0, g_RG_0]
+        return (None, None, None, *out, g_gate_bias)
+
+
+def _pack(tensors, objective, value_norm, initial):
+    R_c, R, x, q = tuple(tensors[:3]), tuple(tensors[3:6]), tensors[6], tensors[7]
+    R_0 = tuple(tensors[8:11]) if initial else None
+    return fused_chunk_step(R_c, R, x, q, R_0, tensors[-1], objective, value_norm)
+
+
+def _reference_backward(ctx, tensors, grads):
+    """The step's vector-Jacobian product by autograd through ``fused_chunk_step`` (differentiable)."""
+    with torch.enable_grad():
+        live = [t for t in tensors if t.requires_grad]
+        y, R_new = _pack(tensors, ctx.objective, ctx.value_norm, ctx.initial)
+        got = iter(torch.autograd.grad((y, *R_new), live, grads, create_graph=True, allow_unused=True))
+    return (None, None, None, *(next(got) if t.requires_grad else None for t in tensors))
+
+
+def fused_chunk_step_hand_grad(R_c, R, x, q, R_0, gate_bias, objective: str, value_norm: bool):
+    """``fused_chunk_step`` (same arguments, same outputs) with the hand-written backward of this module; without
+    gradients to take it is ``fused_chunk_step`` itself (on one thread when idle threads sleep)."""
+    initial = R_0 is not None
+    tensors = (*R_c, *R, x, q, *(R_0 if initial else ()), gate_bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        y, R2, R1, RG = _FusedChunkStep.apply(objective, value_norm, initial, *tensors)
+        return y, (R2, R1, RG)
+    with one_thread_if_threads_sleep(x.device):
+        return fused_chunk_step(R_c, R, x, q, R_0, gate_bias, objective, value_norm)

@@ -1,0 +1,38 @@
+"""Thread policy for stretches of small dependent CPU ops (chunk recurrences, per-chunk steps)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+
+def threads_sleep_between_ops() -> bool:
+    """Whether OpenMP's idle threads sleep at once (OMP_WAIT_POLICY=PASSIVE): then every parallel region wakes them."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
+@contextlib.contextmanager
+def one_thread_if_threads_sleep(device: torch.device):
+    """Run a stretch of small dependent CPU ops on one thread when idle threads sleep between ops (restored
+    afterwards, also on error).
+
+    Ops of a few hundred thousand elements are too small to gain from splitting, yet with more threads each one
+    opens a parallel region: with passive waiting (OMP_WAIT_POLICY=PASSIVE) that costs a wake-up per op (a 16 x 128
+    by 128 x 128 product: 14 us at one thread, 127 us at two on a 2-core machine), which made the delta rule's chunk
+    recurrence and a batched 64 x 64 triangular solve 2-10x slower at two threads than at one. With OpenMP's default
+    policy (threads spin a while before sleeping) such stretches run faster on the caller's threads (the delta rule's
+    recurrence: 3.6 ms at one thread against 2.3 ms at two for T = 8192, four heads), so the thread count is left
+    alone there. No effect on other devices.
+    """
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1 or not threads_sleep_between_ops():
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+

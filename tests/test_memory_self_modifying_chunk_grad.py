@@ -1,0 +1,93 @@
+"""The hand-written backward of self-modifying Titans' fused chunk step against autograd through
+``fused_chunk_step``."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nested_learning.memory import self_modifying_chunk_grad as cg
+from nested_learning.memory.self_modifying_memories import fused_chunk_step
+
+
+def _inputs(initial: bool, same: bool, M=3, n=5, dh=4, hid=6, seed=0):
+    """Chunk-start memories R_c, running memories R (the same tensors at a chunk boundary, else distinct), inputs,
+    queries, initial memories and gate biases in the fused layout, fp64 leaves."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    R_c = (r(5, M, dh, hid, scale=0.5), r(3, M, hid, dh, scale=0.3), r(2, M, hid, 1, scale=0.5))
+    R = R_c if same else tuple(t + r(*t.shape, scale=0.1) for t in R_c)
+    R_0 = tuple(t + r(*t.shape, scale=0.2) for t in R_c) if initial else None
+    x, q = r(M, n, dh), F.normalize(r(M, n, dh), dim=-1)
+    gate_bias = torch.tensor([[-0.5, 2.0]], dtype=torch.float64).repeat(M, 1) + r(M, 2, scale=0.1)
+    leaves = []
+
+    def leaf(t):
+        leaves.append(t.detach().clone().requires_grad_())
+        return leaves[-1]
+
+    R_c = tuple(leaf(t) for t in R_c)
+    R = R_c if same else tuple(leaf(t) for t in R)
+    R_0 = tuple(leaf(t) for t in R_0) if initial else None
+    return (R_c, R, leaf(x), leaf(q), R_0, leaf(gate_bias)), leaves
+
+
+def _grads(step, args, leaves, objective, value_norm, weights=None, create_graph=False):
+    y, R = step(*args, objective, value_norm)
+    outs = [y, *R]
+    if weights is None:
+        weights = [torch.randn_like(t) for t in outs]
+    loss = sum((o * w).sum() for o, w in zip(outs, weights))
+    grads = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True, materialize_grads=True)
+    return outs, grads, weights
+
+
+@pytest.mark.parametrize("objective", ["l2", "dot"])
+@pytest.mark.parametrize("value_norm", [True, False])
+@pytest.mark.parametrize("initial", [True, False])
+@pytest.mark.parametrize("same", [True, False])
+def test_hand_backward_equals_autograd(objective, value_norm, initial, same):
+    """Outputs and the gradients of every input (memories at the chunk start and running, x, q, the initial
+    memories, the gate biases) agree with autograd through ``fused_chunk_step``."""
+    args, leaves = _inputs(initial, same)
+    outs_ref, g_ref, weights = _grads(fused_chunk_step, args, leaves, objective, value_norm)
+    outs, g, _ = _grads(cg.fused_chunk_step_hand_grad, args, leaves, objective, value_norm, weights)
+    assert "FusedChunkStep" in type(outs[0].grad_fn).__name__
+    for a, b in zip(outs, outs_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
+def test_second_order_gradients_equal_autograd():
+    args, leaves = _inputs(True, False, seed=1)
+    second, weights = [], None
+    for step in (cg.fused_chunk_step_hand_grad, fused_chunk_step):
+        _, g, weights = _grads(step, args, leaves, "l2", True, weights, create_graph=True)
+        loss = sum(t.square().sum() for t in g)
+        second.append(torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True))
+    for a, b in zip(*second):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_without_gradients_it_is_the_plain_step():
+    args, _ = _inputs(True, False)
+    with torch.no_grad():
+        y, R = cg.fused_chunk_step_hand_grad(*args, "l2", True)
+        y_ref, R_ref = fused_chunk_step(*args, "l2", True)
+    for a, b in zip((y, *R), (y_ref, *R_ref)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("policy, expect_switch", [("PASSIVE", True), ("ACTIVE", False)])
+def test_step_runs_on_one_thread_only_when_threads_sleep(monkeypatch, policy, expect_switch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    calls, count = [], [2]  # as on a 2-core machine, whatever this one has
+    monkeypatch.setattr(torch, "set_num_threads", lambda m: calls.append(m) or count.__setitem__(0, m))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: count[0])
+    args, _ = _inputs(True, False)
+    y, R = cg.fused_chunk_step_hand_grad(*args, "l2", True)
+    (y.sum() + sum(t.sum() for t in R)).backward()
+    assert calls == ([1, 2, 1, 2] if expect_switch else [])
