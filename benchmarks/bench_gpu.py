@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _equal_size import equal_size_transformer
 
 from nested_learning.models.registry import build_model
 from nested_learning.ops import delta_rule
@@ -99,21 +100,6 @@ def bench_delta_rule(device, B, T, H, D, dtype, iters, results: dict) -> None:
         label = "ours" if backend == "native" else "fla"
         _measure(f"delta_rule {label} fwd ms", run(backend, False), results)
         _measure(f"delta_rule {label} fwd+bwd ms", run(backend, True), results)
-
-
-def equal_size_transformer(n_params: int, dim: int, heads: int, layers: int, vocab: int, T: int):
-    """A Transformer++ of the given width and depth whose MLP width gives ``n_params`` parameters (HOPE's)."""
-    def count(m):
-        return sum(p.numel() for p in m.parameters())
-
-    def with_hidden(h):
-        return build_model("transformer", "tiny", dim=dim, n_heads=heads, n_layers=layers, vocab_size=vocab,
-                           mlp_hidden=h, max_seq_len=max(T, 16))
-
-    with torch.device("meta"):
-        at_64, at_128 = count(with_hidden(64)), count(with_hidden(128))  # linear in the MLP width
-    exact = 64 + (n_params - at_64) / (at_128 - at_64) * 64
-    return with_hidden(max(32, 32 * round(exact / 32)))  # SwiGLU rounds its width up to a multiple of 32
 
 
 def bench_models(device, dim, heads, layers, vocab, T, iters, compile_titans: bool, results: dict) -> None:

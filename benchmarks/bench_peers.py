@@ -124,25 +124,16 @@ def worker_ours_hope_compiled(T: int):
     return _lm_step(build_model("hope", "tiny", vocab_size=VOCAB, titans_compile="inductor"), T)
 
 
-def equal_size_transformer():
+def worker_transformer(T: int):
     """Transformer++ 'tiny' (dim 128, 2 layers, 4 heads) with the MLP width that matches our HOPE's parameters."""
+    import torch
+    from _equal_size import equal_size_transformer
+
     from nested_learning.models.registry import build_model
 
-    def count(m):
-        return sum(p.numel() for p in m.parameters())
-
-    def with_hidden(h):
-        return build_model("transformer", "tiny", vocab_size=VOCAB, mlp_hidden=h)
-
-    target = count(build_model("hope", "tiny", vocab_size=VOCAB))
-    at_64, at_128 = count(with_hidden(64)), count(with_hidden(128))  # parameters are linear in the MLP width
-    hidden = 64 + round((target - at_64) / (at_128 - at_64) * 64)
-    return with_hidden(hidden), target
-
-
-def worker_transformer(T: int):
-    model, _ = equal_size_transformer()
-    return _lm_step(model, T)
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in build_model("hope", "tiny", vocab_size=VOCAB).parameters())
+    return _lm_step(equal_size_transformer(n_params, 128, 4, 2, VOCAB, T), T)
 
 
 def worker_community_hope(T: int):
