@@ -3,8 +3,9 @@
     python benchmarks/bench_hope_chunk_step.py [--T 512] [--threads 1] [--rounds 4]
 
 "chunk": each Eq 90 chunk through ``ops.delta_rule`` (the reference form); "fused": the default box-major step with
-``ops.delta_rule_one_chunk``; "compiled": the fused step under ``torch.compile`` (inductor; the first run of a
-machine compiles for minutes, later runs reuse the cache). HOPE tiny (dim 128, 2 layers, 4 heads) with a 32,000
+``ops.delta_rule_one_chunk`` and its hand-written backward (``self_modifying_chunk_grad``); "fused-autograd": the
+same step differentiated by autograd; "compiled": the fused step under ``torch.compile`` (inductor; the first run of
+a machine compiles for minutes, later runs reuse the cache). HOPE tiny (dim 128, 2 layers, 4 heads) with a 32,000
 vocabulary, batch 1, fp32, ``model(x, labels=x).loss.backward()`` with test-time memory writes, fastest of
 ``--rounds`` interleaved rounds.
 """
@@ -16,10 +17,13 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first import of torch
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 
+import nested_learning.memory.self_modifying_titans as smt  # noqa: E402
+from nested_learning.memory.self_modifying_memories import fused_chunk_step  # noqa: E402
 from nested_learning.models import build_model  # noqa: E402
 from nested_learning.training.cpu_memory import keep_freed_cpu_memory  # noqa: E402
 
@@ -34,6 +38,17 @@ def build(form: str):
     return model.compile_chunk_steps() if form == "compiled" else model
 
 
+@contextlib.contextmanager
+def autograd_backward():
+    """The fused step without its hand-written backward (autograd through ``fused_chunk_step``), for one call."""
+    hand = smt.fused_chunk_step_hand_grad
+    smt.fused_chunk_step_hand_grad = fused_chunk_step
+    try:
+        yield
+    finally:
+        smt.fused_chunk_step_hand_grad = hand
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--T", type=int, default=512)
@@ -43,25 +58,26 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_cpu_memory()  # as the trainer does
     ids = torch.randint(0, VOCAB, (1, args.T))
-    models = {form: build(form) for form in ("chunk", "fused", "compiled")}
+    models = {form: build(form) for form in ("chunk", "fused-autograd", "fused", "compiled")}
 
-    def step(model):
-        model(ids, labels=ids).loss.backward()
-        model.zero_grad(set_to_none=True)
+    def step(form):
+        with autograd_backward() if form == "fused-autograd" else contextlib.nullcontext():
+            models[form](ids, labels=ids).loss.backward()
+        models[form].zero_grad(set_to_none=True)
 
-    for form, model in models.items():  # warm-up (the compiled form compiles here)
+    for form in models:  # warm-up (the compiled form compiles here)
         t = time.perf_counter()
-        step(model)
+        step(form)
         print(f"{form}: first step {time.perf_counter() - t:.1f} s", flush=True)
     best = {form: float("inf") for form in models}
     for _ in range(args.rounds):
-        for form, model in models.items():
+        for form in models:
             t = time.perf_counter()
-            step(model)
+            step(form)
             best[form] = min(best[form], time.perf_counter() - t)
     print(f"\nHOPE tiny training step, T={args.T}, batch 1, fp32, {args.threads} thread(s), tokens/s")
     for form in models:
-        print(f"{form:>9} {args.T / best[form]:8.0f}   {best['chunk'] / best[form]:.2f}x chunk")
+        print(f"{form:>14} {args.T / best[form]:8.0f}   {best['chunk'] / best[form]:.2f}x chunk")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_peers.py [--threads 2] [--rounds 3] [--quick] [--omp-wait passive|active]
         [--titans-python /tmp/peer-titans/bin/python] [--hope-python /tmp/peer-hope/bin/python]
+    python benchmarks/bench_peers.py --flops [--threads 1]      # the two neural memories' FLOPs per token
 
 The peers need their own virtual environments (the community HOPE installs as ``nested_learning`` too):
 
@@ -26,8 +27,9 @@ what an unset OMP_WAIT_POLICY gives). Run both: the ratio between the implementa
    ``pilot_smoke`` config (dim 128, 2 layers, 4 heads, vocab 32000) doing its training step with memory writes
    (``training.run_training_loop`` without online chunking: forward with block outputs, cross-entropy, per-layer
    teach signals, backward, then the no-grad forward that writes the memories); a Transformer++ with as many
-   parameters as our HOPE (its MLP widened to match). Ours also with ``titans_compile="inductor"``. No optimizer
-   step in any of them.
+   parameters as our HOPE (its MLP widened to match), and a tied embedding and head alone (no layers: the least
+   any of these models computes per token). Ours also with ``titans_compile="inductor"``. No optimizer step in any
+   of them.
 """
 
 from __future__ import annotations
@@ -136,6 +138,23 @@ def worker_transformer(T: int):
     return _lm_step(equal_size_transformer(n_params, 128, 4, 2, VOCAB, T), T)
 
 
+def worker_head_only(T: int):
+    """A tied embedding and LM head alone (dim 128, vocab 32000): embedding, logits, cross-entropy and their
+    backward, no layers. Every model in the HOPE table runs at least this."""
+    import torch
+    import torch.nn.functional as F
+
+    W = torch.nn.Parameter(torch.randn(VOCAB, 128) * 0.02)
+    x = torch.randint(0, VOCAB, (1, T))
+
+    def step():
+        h = F.embedding(x[0, :-1], W)
+        F.cross_entropy(h @ W.T, x[0, 1:]).backward()
+        W.grad = None
+
+    return step
+
+
 def worker_community_hope(T: int):
     import importlib.resources
 
@@ -171,36 +190,73 @@ WORKERS = {
     "ours_hope": worker_ours_hope,
     "ours_hope_compiled": worker_ours_hope_compiled,
     "transformer": worker_transformer,
+    "head_only": worker_head_only,
     "community_hope": worker_community_hope,
 }
 
 
-def run_worker(name: str, lengths: list[int], threads: int, reps: int) -> None:
+def run_worker(name: str, lengths: list[int], threads: int, reps: int, flops: bool = False) -> None:
+    """Prints the fastest time of a step per length, or with ``flops`` its FLOPs per token (every matmul-class op,
+    forward and backward, as ``torch.utils.flop_counter`` counts them)."""
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     out = {}
     for T in lengths:
-        out[T] = _time(WORKERS[name](T), reps)
+        step = WORKERS[name](T)
+        if flops:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            step()
+            with FlopCounterMode(display=False) as counter:
+                step()
+            out[T] = counter.get_total_flops() / T
+        else:
+            out[T] = _time(step, reps)
     print("RESULT " + json.dumps(out))
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def call(python: str, name: str, lengths, threads: int, reps: int, env_src: bool, omp_wait: str) -> dict | None:
+def call(python: str, name: str, lengths, threads: int, reps: int, env_src: bool, omp_wait: str,
+         flops: bool = False) -> dict | None:
     env = dict(os.environ, OMP_WAIT_POLICY=omp_wait.upper())
     if env_src:
         env["PYTHONPATH"] = str(ROOT / "src")
     else:  # a peer venv must not see this package (the community HOPE has the same import name)
         env.pop("PYTHONPATH", None)
     cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--threads", str(threads), "--reps", str(reps),
-           "--lengths", *map(str, lengths)]
+           "--lengths", *map(str, lengths), *(["--flops"] if flops else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/tmp")
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return {int(k): v for k, v in json.loads(line[7:]).items()}
     print(f"  {name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
     return None
+
+
+def print_flops(args) -> int:
+    """FLOPs per token of the two neural memories' forward+backward at T = 2048, and the tokens/s that ours could
+    reach at most if every FLOP ran at the same-run fp32 1024^2 matmul rate (the rate of a large, cache-friendly
+    GEMM; the memories' products are (64 x 64) by (64 x 256) per head and chunk)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _timing import matmul_flops_per_s
+
+    torch.set_num_threads(args.threads)
+    T = 2048
+    ours = call(sys.executable, "ours_memory", [T], args.threads, 1, True, args.omp_wait, flops=True)
+    titans = call(args.titans_python, "titans", [T], args.threads, 1, False, args.omp_wait, flops=True) \
+        if Path(args.titans_python).exists() else None
+    rate = matmul_flops_per_s()
+    print(f"\nneural memory forward+backward, T={T}, FLOPs per token (torch.utils.flop_counter)")
+    print(f"  ours (Eq 90, per-token reads): {ours[T] / 1e6:.2f} M")
+    if titans:
+        print(f"  titans-pytorch 0.5.5:          {titans[T] / 1e6:.2f} M   (ours / titans-pytorch {ours[T] / titans[T]:.2f}x)")
+    print(f"same-run fp32 1024^2 matmul, {args.threads} thread(s): {rate / 1e9:.1f} GFLOP/s -> ours at most "
+          f"{rate / ours[T]:.0f} tokens/s if every FLOP ran at that rate")
+    return 0
 
 
 def main() -> int:
@@ -213,12 +269,16 @@ def main() -> int:
     p.add_argument("--hope-python", default="/tmp/peer-hope/bin/python")
     p.add_argument("--omp-wait", choices=("passive", "active"), default="passive",
                    help="OpenMP wait policy of every worker (see the module docstring)")
+    p.add_argument("--flops", action="store_true",
+                   help="count the neural memories' FLOPs per token instead of timing (see print_flops)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--lengths", type=int, nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        run_worker(args.worker, args.lengths, args.threads, args.reps)
+        run_worker(args.worker, args.lengths, args.threads, args.reps, args.flops)
         return 0
+    if args.flops:
+        return print_flops(args)
 
     rounds = 1 if args.quick else args.rounds
     mem_lengths = [512] if args.quick else list(MEMORY_LENGTHS)
@@ -232,6 +292,7 @@ def main() -> int:
         "ours_hope": (ours, hope_lengths, True),
         "ours_hope_compiled": (ours, hope_lengths, True),
         "transformer": (ours, hope_lengths, True),
+        "head_only": (ours, hope_lengths, True),
         "community_hope": (args.hope_python, hope_lengths, False),
     }
     jobs = {k: v for k, v in jobs.items() if Path(v[0]).exists() or print(f"skipped {k}: no {v[0]}")}
@@ -267,13 +328,13 @@ def main() -> int:
         print(f"{T:>6} {fmt(a):>12} {fmt(d)} {fmt(b)} {fmt(c):>14} {fmt(ratio(a, c), True):>14}"
               f" {fmt(ratio(d, c), True):>17} {fmt(ratio(b, c), True):>19}")
     print("\nHOPE training step (dim 128, 2 layers, vocab 32000), tokens/s")
-    print(f"{'T':>6} {'ours':>10} {'compiled':>10} {'community':>10} {'Transformer++':>14} {'ours / community':>17}"
-          f" {'compiled / community':>20} {'ours / T++':>11}")
+    print(f"{'T':>6} {'ours':>10} {'compiled':>10} {'community':>10} {'Transformer++':>14} {'head alone':>11}"
+          f" {'ours / community':>17} {'compiled / community':>20} {'ours / T++':>11} {'head / community':>17}")
     for T in hope_lengths:
         a, d = rate("ours_hope", T), rate("ours_hope_compiled", T)
-        b, c = rate("community_hope", T), rate("transformer", T)
-        print(f"{T:>6} {fmt(a)} {fmt(d)} {fmt(b)} {fmt(c):>14} {fmt(ratio(a, b), True):>17}"
-              f" {fmt(ratio(d, b), True):>20} {fmt(ratio(a, c), True):>11}")
+        b, c, h = rate("community_hope", T), rate("transformer", T), rate("head_only", T)
+        print(f"{T:>6} {fmt(a)} {fmt(d)} {fmt(b)} {fmt(c):>14} {fmt(h):>11} {fmt(ratio(a, b), True):>17}"
+              f" {fmt(ratio(d, b), True):>20} {fmt(ratio(a, c), True):>11} {fmt(ratio(h, b), True):>17}")
     return 0
 
 

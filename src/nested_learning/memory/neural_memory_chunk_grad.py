@@ -131,9 +131,9 @@ class _MLPChunkStep(torch.autograd.Function):
         gW2t, gW1t = f_last * gW2n, f_last * gW1n
         gS2t = b_last * gW2n + e_last * gS2n
         gS1t = b_last * gW1n + e_last * gS1n
-        g_f = _dot(gW2n, W2t) + _dot(gW1n, W1t)
-        g_b = _dot(gW2n, S2t) + _dot(gW1n, S1t)
-        g_e = _dot(gS2n, S2t) + _dot(gS1n, S1t)
+        g_f_last = _dot(gW2n, W2t) + _dot(gW1n, W1t)
+        g_b_last = _dot(gW2n, S2t) + _dot(gW1n, S1t)
+        g_e_last = _dot(gS2n, S2t) + _dot(gS1n, S1t)
         # [dW2; dS2] = ck^T d0c and [dW1; dS1] = h^T X, with the upstream gradient -[gW*n; gS*n]
         G2 = torch.cat([gW2n, gS2n], dim=1)  # (N, 2 dh, hid)
         g_ck_T = (G2 @ d0c.mT).neg_().unflatten(1, (2, dh))
@@ -205,7 +205,7 @@ class _MLPChunkStep(torch.autograd.Function):
             gW1st = gs1[..., 2, :] + g_W1f
         g_scales = g_row[..., :2]
         return (gW2t, gW1t, gS2t, gS1t, gW2st, gW1st, g_k, g_kv, g_q, g_qk_coef, g_ck_T, g_coef, g_scales,
-                g_c_last, g_f, g_b, g_e, None, None)
+                g_c_last, g_f_last, g_b_last, g_e_last, None, None)
 
 
 def _reference_backward(inputs, grads, activation, grad_clip):

@@ -222,9 +222,10 @@ class SelfModifyingTitans(nn.Module):
         """Run every whole Eq 90 chunk through ``torch.compile`` of ``fused_chunk_step`` (one compiled copy shared
         by all layers; partial chunks at a call's edges stay eager). MLP memories in the fused mode only.
 
-        On a 2-core CPU (1 thread, T=512) HOPE tiny's training step ran 1.22x faster with it than with the eager
-        fused step (``benchmarks/bench_hope_chunk_step.py``); the first compilation took 35 s (inductor builds
-        C++ kernels; later processes reuse its cache in seconds). If compilation fails, a warning is issued and the eager step
+        On a 2-core CPU (1 thread, T=512) HOPE tiny's training step ran 1.13x faster with it than with the eager
+        fused step and its hand-written backward (``benchmarks/bench_hope_chunk_step.py``; at 2 threads with passive
+        OpenMP waiting the eager step was faster); the first compilation took 35 s (inductor builds C++ kernels;
+        later processes reuse its cache in seconds). If compilation fails, a warning is issued and the eager step
         runs instead. ``backend=None`` switches back to eager."""
         if backend is not None and not self.fused:
             raise ValueError("compile_chunk_step needs the MLP memories in op_mode='fused'")
