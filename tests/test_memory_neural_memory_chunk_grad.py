@@ -99,3 +99,9 @@ def test_step_runs_on_one_thread_only_when_threads_sleep(monkeypatch, policy, ex
     outs = cg.mlp_chunk_step_hand_grad(*inputs, "gelu", None)
     sum(o.sum() for o in outs).backward()
     assert calls == ([1, 2, 1, 2] if expect_switch else [])
+
+
+def test_traced_by_torch_compile_it_is_the_reference_step(monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    outs = cg.mlp_chunk_step_hand_grad(*_step_inputs(True), "gelu", None)
+    assert "MLPChunkStep" not in type(outs[0].grad_fn).__name__

@@ -91,3 +91,33 @@ def test_step_runs_on_one_thread_only_when_threads_sleep(monkeypatch, policy, ex
     y, R = cg.fused_chunk_step_hand_grad(*args, "l2", True)
     (y.sum() + sum(t.sum() for t in R)).backward()
     assert calls == ([1, 2, 1, 2] if expect_switch else [])
+
+
+def test_traced_by_torch_compile_it_is_the_reference_step(monkeypatch):
+    """While torch.compile traces a model, the step is ``fused_chunk_step`` (traceable; the compiler derives its
+    backward) and no thread switch happens."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda m: calls.append(m))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    args, _ = _inputs(True, False)
+    y, _ = cg.fused_chunk_step_hand_grad(*args, "l2", True)
+    assert "FusedChunkStep" not in type(y.grad_fn).__name__ and calls == []
+
+
+def test_layer_compiled_whole_equals_eager():
+    """A whole self-modifying Titans layer under torch.compile (aot_eager: tracing and autograd, no C++ build)
+    gives the eager layer's outputs and gradients."""
+    from nested_learning.memory import SelfModifyingTitans
+
+    torch.manual_seed(0)
+    layer = SelfModifyingTitans(8, n_heads=2, chunk_size=4).double()
+    x = torch.randn(1, 8, 8, dtype=torch.float64, requires_grad=True)
+    compiled = torch.compile(lambda t: layer(t)[0], backend="aot_eager")
+    yc, ye = compiled(x), layer(x)[0]
+    torch.testing.assert_close(yc, ye, rtol=0, atol=1e-10)
+    gc = torch.autograd.grad(yc.sum(), [x, *layer.parameters()])
+    ge = torch.autograd.grad(ye.sum(), [x, *layer.parameters()])
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)

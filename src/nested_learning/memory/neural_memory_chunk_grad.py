@@ -219,7 +219,10 @@ def _reference_backward(inputs, grads, activation, grad_clip):
 
 def mlp_chunk_step_hand_grad(*args):
     """``mlp_chunk_step(*args)`` (same arguments, same outputs) with the hand-written backward of this module;
-    without gradients to take it is ``mlp_chunk_step`` itself (on one thread when idle threads sleep)."""
+    without gradients to take it is ``mlp_chunk_step`` itself (on one thread when idle threads sleep), and so it is
+    while ``torch.compile`` traces it (the compiler then derives the backward of the reference)."""
+    if torch.compiler.is_compiling():
+        return mlp_chunk_step(*args)
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return _MLPChunkStep.apply(*args)
     with one_thread_if_threads_sleep(args[0].device):

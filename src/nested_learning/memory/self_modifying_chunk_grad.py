@@ -228,7 +228,10 @@ def _reference_backward(ctx, tensors, grads):
 
 def fused_chunk_step_hand_grad(R_c, R, x, q, R_0, gate_bias, objective: str, value_norm: bool):
     """``fused_chunk_step`` (same arguments, same outputs) with the hand-written backward of this module; without
-    gradients to take it is ``fused_chunk_step`` itself (on one thread when idle threads sleep)."""
+    gradients to take it is ``fused_chunk_step`` itself (on one thread when idle threads sleep), and so it is while
+    ``torch.compile`` traces it (the compiler then derives the backward of the reference)."""
+    if torch.compiler.is_compiling():
+        return fused_chunk_step(R_c, R, x, q, R_0, gate_bias, objective, value_norm)
     initial = R_0 is not None
     tensors = (*R_c, *R, x, q, *(R_0 if initial else ()), gate_bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):

@@ -24,10 +24,11 @@ def one_thread_if_threads_sleep(device: torch.device):
     recurrence and a batched 64 x 64 triangular solve 2-10x slower at two threads than at one. With OpenMP's default
     policy (threads spin a while before sleeping) such stretches run faster on the caller's threads (the delta rule's
     recurrence: 3.6 ms at one thread against 2.3 ms at two for T = 8192, four heads), so the thread count is left
-    alone there. No effect on other devices.
+    alone there. No effect on other devices, nor while torch.compile traces the code.
     """
     n = torch.get_num_threads()
-    if device.type != "cpu" or n == 1 or not threads_sleep_between_ops():
+    # under torch.compile the stretch is traced, not run: a thread switch there would only break the graph
+    if device.type != "cpu" or n == 1 or not threads_sleep_between_ops() or torch.compiler.is_compiling():
         yield
         return
     torch.set_num_threads(1)
