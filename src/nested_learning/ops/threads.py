@@ -25,6 +25,9 @@ def one_thread_if_threads_sleep(device: torch.device):
     policy (threads spin a while before sleeping) such stretches run faster on the caller's threads (the delta rule's
     recurrence: 3.6 ms at one thread against 2.3 ms at two for T = 8192, four heads), so the thread count is left
     alone there. No effect on other devices, nor while torch.compile traces the code.
+
+    Measured at the sizes of the tiny presets on a 2-core machine; the switch does not look at sizes, so with much
+    larger layers on a many-core machine, leave OMP_WAIT_POLICY unset (or ACTIVE) to keep every thread.
     """
     n = torch.get_num_threads()
     # under torch.compile the stretch is traced, not run: a thread switch there would only break the graph
