@@ -1,4 +1,5 @@
-"""``mlp_chunk_step`` with a hand-written backward: the same outputs, one autograd node per chunk.
+"""``mlp_chunk_step`` (one Eq 90 chunk of the Eq 89 MLP neural memory) with a hand-written backward: the same
+outputs, one autograd node per chunk.
 
 The backward is the chain rule of ``mlp_chunk_step`` written out once: the products that share an operand are
 stacked into one batched matmul (the two end-state outer-product sums of each layer), intermediates of the forward

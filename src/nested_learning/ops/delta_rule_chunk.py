@@ -92,16 +92,20 @@ def _uses_blocked_inverse(L: torch.Tensor) -> bool:
     return n >= 32 and L.numel() >= 32 * n * n
 
 
+def unit_lower_inverse_values(L: torch.Tensor) -> torch.Tensor:
+    """The values of ``unit_lower_inverse`` without autograd: the blocked form for many blocks, else the solve."""
+    if _uses_blocked_inverse(L):
+        return unit_lower_inverse_blocked(L)
+    with _one_thread(L.device):
+        return unit_lower_inverse_reference(L)
+
+
 class _UnitLowerInverse(torch.autograd.Function):
     """X = (I + tril(L, -1))^{-1}; backward dL = tril(-X^T dX X^T, -1) (differentiable: double backward works)."""
 
     @staticmethod
     def forward(ctx, L):
-        if _uses_blocked_inverse(L):
-            X = unit_lower_inverse_blocked(L)
-        else:
-            with _one_thread(L.device):
-                X = unit_lower_inverse_reference(L)
+        X = unit_lower_inverse_values(L)
         ctx.save_for_backward(X)
         return X
 

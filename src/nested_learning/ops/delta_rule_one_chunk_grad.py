@@ -1,5 +1,6 @@
-"""``delta_rule_one_chunk`` split into a forward that keeps its intermediates and the chain rule written out for it,
-for callers that hand-write the backward of a larger step around it (self-modifying Titans' fused chunk step).
+"""``delta_rule_one_chunk`` (the delta rule, Eq 88 / 93, over one chunk) split into a forward that keeps its
+intermediates and the chain rule written out for it, for callers that hand-write the backward of a larger step
+around it (self-modifying Titans' fused chunk step).
 
 Same arithmetic and notation as ``delta_rule_one_chunk`` (R = S^T, g = cumsum(log alpha), g' = g - log alpha,
 gamma' = exp(g'), decay[t, i] = exp(g'_t - g_i) on i < t):
@@ -17,20 +18,12 @@ from __future__ import annotations
 import torch
 
 from ._common import ALPHA_FLOOR
-from .delta_rule_chunk import _uses_blocked_inverse, unit_lower_inverse_blocked, unit_lower_inverse_reference
+from .delta_rule_chunk import unit_lower_inverse_values
 from .delta_rule_one_chunk import _upper
-from .threads import one_thread_if_threads_sleep
 
 
 def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
     return t if t.shape == shape else t.sum_to_size(shape)
-
-
-def _inverse(L: torch.Tensor) -> torch.Tensor:
-    if _uses_blocked_inverse(L):
-        return unit_lower_inverse_blocked(L)
-    with one_thread_if_threads_sleep(L.device):
-        return unit_lower_inverse_reference(L)
 
 
 def one_chunk_forward(k, v, eta, alpha, R0, q=None, read_from=None):
@@ -43,7 +36,7 @@ def one_chunk_forward(k, v, eta, alpha, R0, q=None, read_from=None):
     decay = torch.exp((g_prev.unsqueeze(-1) - g.unsqueeze(-2)).masked_fill(_upper(n, k.device), float("-inf")))
     KK = k @ k.mT
     L = KK * decay * eta.unsqueeze(-1)
-    T_inv = _inverse(L)
+    T_inv = unit_lower_inverse_values(L)
     gamma_prev = torch.exp(g_prev)
     write_scale = eta * gamma_prev
     k_write = write_scale.unsqueeze(-1) * k
