@@ -3,9 +3,9 @@
     python benchmarks/bench_hope_chunk_step.py [--T 512] [--threads 1] [--rounds 4]
 
 "chunk": each Eq 90 chunk through ``ops.delta_rule`` (the reference form); "fused": the default box-major step with
-``ops.delta_rule_one_chunk`` and its hand-written backward (``self_modifying_chunk_grad``); "fused-autograd": the
-same step differentiated by autograd; "compiled": the fused step under ``torch.compile`` (inductor; the first run of
-a machine compiles for minutes, later runs reuse the cache). HOPE tiny (dim 128, 2 layers, 4 heads) with a 32,000
+``ops.delta_rule_one_chunk``, differentiated by autograd; "fused-hand": the same step with its hand-written backward
+(``titans_hand_backward=True``); "compiled": the fused step under ``torch.compile`` (inductor; the first run of a
+machine compiles for minutes, later runs reuse the cache). HOPE tiny (dim 128, 2 layers, 4 heads) with a 32,000
 vocabulary, batch 1, fp32, ``model(x, labels=x).loss.backward()`` with test-time memory writes, fastest of
 ``--rounds`` interleaved rounds.
 """
@@ -17,13 +17,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first import of torch
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 
-import nested_learning.memory.self_modifying_titans as smt  # noqa: E402
-from nested_learning.memory.self_modifying_memories import fused_chunk_step  # noqa: E402
 from nested_learning.models import build_model  # noqa: E402
 from nested_learning.training.cpu_memory import keep_freed_cpu_memory  # noqa: E402
 
@@ -32,21 +29,10 @@ VOCAB = 32000
 
 def build(form: str):
     torch.manual_seed(0)
-    model = build_model("hope", "tiny", vocab_size=VOCAB)
+    model = build_model("hope", "tiny", vocab_size=VOCAB, titans_hand_backward=form == "fused-hand")
     for block in model.blocks:
         block.mixer.op_mode = "chunk" if form == "chunk" else "fused"
     return model.compile_chunk_steps() if form == "compiled" else model
-
-
-@contextlib.contextmanager
-def autograd_backward():
-    """The fused step without its hand-written backward (autograd through ``fused_chunk_step``), for one call."""
-    hand = smt.fused_chunk_step_hand_grad
-    smt.fused_chunk_step_hand_grad = fused_chunk_step
-    try:
-        yield
-    finally:
-        smt.fused_chunk_step_hand_grad = hand
 
 
 def main() -> None:
@@ -58,11 +44,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_cpu_memory()  # as the trainer does
     ids = torch.randint(0, VOCAB, (1, args.T))
-    models = {form: build(form) for form in ("chunk", "fused-autograd", "fused", "compiled")}
+    models = {form: build(form) for form in ("chunk", "fused", "fused-hand", "compiled")}
 
     def step(form):
-        with autograd_backward() if form == "fused-autograd" else contextlib.nullcontext():
-            models[form](ids, labels=ids).loss.backward()
+        models[form](ids, labels=ids).loss.backward()
         models[form].zero_grad(set_to_none=True)
 
     for form in models:  # warm-up (the compiled form compiles here)

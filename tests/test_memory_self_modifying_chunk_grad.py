@@ -121,3 +121,32 @@ def test_layer_compiled_whole_equals_eager():
     ge = torch.autograd.grad(ye.sum(), [x, *layer.parameters()])
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+
+
+def test_layer_with_hand_backward_equals_default_layer(monkeypatch):
+    """``hand_backward=True`` (off by default) changes how gradients are computed, not what they are: a streamed
+    layer's outputs and every gradient match the default layer's; HOPE passes ``titans_hand_backward`` on."""
+    import nested_learning.memory.self_modifying_titans as smt
+    from nested_learning.memory import SelfModifyingTitans
+    from nested_learning.models import build_model
+
+    calls = []
+    monkeypatch.setattr(smt, "fused_chunk_step_hand_grad", lambda *a: calls.append(1) or cg.fused_chunk_step_hand_grad(*a))
+
+    torch.manual_seed(0)
+    plain = SelfModifyingTitans(8, n_heads=2, chunk_size=4).double()
+    hand = SelfModifyingTitans(8, n_heads=2, chunk_size=4, hand_backward=True).double()
+    hand.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 11, 8, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for layer in (plain, hand):
+        y1, state = layer(x[:, :6])
+        y2, _ = layer(x[:, 6:], state)
+        y = torch.cat([y1, y2], dim=1)
+        outs.append((y, torch.autograd.grad((y * torch.linspace(-1, 1, 8)).sum(), [x, *layer.parameters()])))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=1e-12)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert not plain.hand_backward and len(calls) == 4  # the hand layer's four pieces: 4, 2 | 2, 3 tokens
+    model = build_model("hope", "tiny", vocab_size=64, titans_hand_backward=True)
+    assert all(block.mixer.hand_backward for block in model.blocks)

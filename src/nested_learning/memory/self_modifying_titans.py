@@ -22,8 +22,8 @@ Eq 83-88 exactly. The inputs of chunk c depend on the memories after chunk c-1, 
 chunk's update is a delta rule (``ops.delta_rule`` in chunk mode), see ``self_modifying_memories.py`` for the matrix
 memories (all five stacked into one state, one delta rule per chunk) and the Eq 89 MLP memories (DGD per layer). By
 default (``op_mode="fused"``) the MLP memories run the same step box-major with ``ops.delta_rule_one_chunk``
-(``fused_chunk_step``; tested against the ``ops.delta_rule`` form and the plain token loop), with a hand-written
-backward (``self_modifying_chunk_grad``, tested against autograd through ``fused_chunk_step``) or compiled.
+(``fused_chunk_step``; tested against the ``ops.delta_rule`` form and the plain token loop), optionally compiled or
+with a hand-written backward (``hand_backward``; ``self_modifying_chunk_grad``, tested against autograd).
 
 Read choice: o_t = M_{memory,t-1}(q_t), the running memory *before* token t's write, also inside a chunk (the op's
 read="before"). With chunk_size=1 this is Eq 83's y_t = M_{memory,t-1}(q_t) exactly, and with larger chunks a token
@@ -95,6 +95,12 @@ class SelfModifyingTitans(nn.Module):
         value_norm: L2-normalise v_t (as q_t and k_t are). The self-generated targets v_hat = M(v_t) scale with v_t
             and feed back into the memories that produce v_t; without the normalisation the dot objective and the
             MLP memories diverge from a random start. False gives Eq 83 literally.
+        hand_backward: eager whole chunks of the fused MLP memories take ``fused_chunk_step`` with its hand-written
+            backward (``self_modifying_chunk_grad``: the same values, gradients equal to autograd's to rounding;
+            3-8% faster HOPE training at one thread, 1.38x at two with passive OpenMP waiting). Off by default:
+            HOPE tiny trained at lr 3e-3 sits at the edge of its MLP memories' in-context divergence (the W1-W2
+            feedback), and the rounding difference alone tipped the demo's seed into it (non-finite losses from
+            step 130); with autograd's backward the same run trains to the end.
 
     The slow initial memories (Eq 72-73) and gate biases live in ``self.memories``.
     """
@@ -114,6 +120,7 @@ class SelfModifyingTitans(nn.Module):
         hidden: int | None = None,
         value_norm: bool = True,
         retention: str = "initial",
+        hand_backward: bool = False,
     ):
         super().__init__()
         if not (isinstance(dim, int) and isinstance(n_heads, int) and n_heads > 0) or dim % n_heads:
@@ -131,6 +138,7 @@ class SelfModifyingTitans(nn.Module):
             raise ValueError(f"op_mode must be one of {OP_MODES}, got {op_mode!r}")
         self.op_mode = op_mode
         self.compile_backend: str | None = None  # see compile_chunk_step
+        self.hand_backward = bool(hand_backward)
         self.conv = ShortConv(dim, conv_size) if conv_size > 0 else None
         self.to_q = nn.Linear(dim, dim, bias=False)
         extra = {} if memory == "linear" else {"hidden": hidden, "retention": retention}
@@ -209,14 +217,15 @@ class SelfModifyingTitans(nn.Module):
 
     def _fused_step(self, R_c, R, x, q, R_0, gate_bias, whole: bool):
         mem = self.memories
+        eager = fused_chunk_step_hand_grad if self.hand_backward else fused_chunk_step
         if self.compile_backend is None or not whole:  # partial chunks stay eager: one compiled shape per layer
-            return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias, step=fused_chunk_step_hand_grad)
+            return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias, step=eager)
         try:
             return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias, step=compiled(fused_chunk_step, self.compile_backend))
         except Exception as err:  # e.g. no C compiler for inductor: the eager step computes the same thing
             warn_eager_fallback("self-modifying Titans chunk step", self.compile_backend, err, stacklevel=2)
             self.compile_backend = None
-            return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias, step=fused_chunk_step_hand_grad)
+            return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias, step=eager)
 
     def compile_chunk_step(self, backend: str | None = "inductor") -> SelfModifyingTitans:
         """Run every whole Eq 90 chunk through ``torch.compile`` of ``fused_chunk_step`` (one compiled copy shared

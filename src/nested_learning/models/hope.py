@@ -58,6 +58,7 @@ class HOPE(CMSLanguageModel):
                 value_norm=config.titans_value_norm,
                 retention=config.titans_retention,
                 conv_size=config.conv_size,
+                hand_backward=config.titans_hand_backward,
             ),
             make_cms=lambda i: make_cms(config),
             objective=config.cms_objective,

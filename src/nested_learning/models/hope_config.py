@@ -52,6 +52,8 @@ class HOPEConfig:
     conv_size: int = 4
     # torch.compile backend of the Titans chunk step ("inductor"), or None for eager (SelfModifyingTitans.compile_chunk_step)
     titans_compile: str | None = None
+    # the Titans chunk step's hand-written backward (SelfModifyingTitans.hand_backward; off by default, see there)
+    titans_hand_backward: bool = False
     # softmax attention (HOPE-attention)
     rope_theta: float = 10000.0
     max_seq_len: int | None = None
