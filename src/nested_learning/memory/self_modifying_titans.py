@@ -97,7 +97,7 @@ class SelfModifyingTitans(nn.Module):
             MLP memories diverge from a random start. False gives Eq 83 literally.
         hand_backward: eager whole chunks of the fused MLP memories take ``fused_chunk_step`` with its hand-written
             backward (``self_modifying_chunk_grad``: the same values, gradients equal to autograd's to rounding;
-            3-8% faster HOPE training at one thread, 1.38x at two with passive OpenMP waiting). Off by default:
+            HOPE tiny trained 1.04-1.08x faster at one thread, 1.31-1.38x at two with passive OpenMP waiting). Off by default:
             HOPE tiny trained at lr 3e-3 sits at the edge of its MLP memories' in-context divergence (the W1-W2
             feedback), and the rounding difference alone tipped the demo's seed into it (non-finite losses from
             step 130); with autograd's backward the same run trains to the end.
@@ -231,9 +231,9 @@ class SelfModifyingTitans(nn.Module):
         """Run every whole Eq 90 chunk through ``torch.compile`` of ``fused_chunk_step`` (one compiled copy shared
         by all layers; partial chunks at a call's edges stay eager). MLP memories in the fused mode only.
 
-        On a 2-core CPU (1 thread, T=512) HOPE tiny's training step ran 1.13x faster with it than with the eager
-        fused step and its hand-written backward (``benchmarks/bench_hope_chunk_step.py``; at 2 threads with passive
-        OpenMP waiting the eager step was faster); the first compilation took 35 s (inductor builds C++ kernels;
+        On a 2-core CPU (1 thread, T=512) HOPE tiny's training step ran 1.19x faster with it than with the eager
+        fused step (``benchmarks/bench_hope_chunk_step.py``; at 2 threads with passive OpenMP waiting the eager step
+        with ``hand_backward`` was faster); the first compilation took 35 s (inductor builds C++ kernels;
         later processes reuse its cache in seconds). If compilation fails, a warning is issued and the eager step
         runs instead. ``backend=None`` switches back to eager."""
         if backend is not None and not self.fused:
