@@ -253,7 +253,8 @@ def print_flops(args) -> int:
     print(f"\nneural memory forward+backward, T={T}, FLOPs per token (torch.utils.flop_counter)")
     print(f"  ours (Eq 90, per-token reads): {ours[T] / 1e6:.2f} M")
     if titans:
-        print(f"  titans-pytorch 0.5.5:          {titans[T] / 1e6:.2f} M   (ours / titans-pytorch {ours[T] / titans[T]:.2f}x)")
+        print(f"  titans-pytorch 0.5.5:          {titans[T] / 1e6:.2f} M   "
+              f"(ours / titans-pytorch {ours[T] / titans[T]:.2f}x)")
     print(f"same-run fp32 1024^2 matmul, {args.threads} thread(s): {rate / 1e9:.1f} GFLOP/s -> ours at most "
           f"{rate / ours[T]:.0f} tokens/s if every FLOP ran at that rate")
     return 0

@@ -33,7 +33,8 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def activation_derivatives(activation: str, z: torch.Tensor, second: bool) -> torch.Tensor:
-    """sigma'(z), or sigma''(z) with ``second``, of the memory's activation (gelu: the exact, erf form of ``F.gelu``)."""
+    """sigma'(z), or sigma''(z) with ``second``, of the memory's activation (gelu: the exact, erf form of
+    ``F.gelu``)."""
     if activation == "gelu":
         pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
         if second:

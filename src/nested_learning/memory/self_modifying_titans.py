@@ -97,10 +97,10 @@ class SelfModifyingTitans(nn.Module):
             MLP memories diverge from a random start. False gives Eq 83 literally.
         hand_backward: eager whole chunks of the fused MLP memories take ``fused_chunk_step`` with its hand-written
             backward (``self_modifying_chunk_grad``: the same values, gradients equal to autograd's to rounding;
-            HOPE tiny trained 1.04-1.08x faster at one thread, 1.31-1.38x at two with passive OpenMP waiting). Off by default:
-            HOPE tiny trained at lr 3e-3 sits at the edge of its MLP memories' in-context divergence (the W1-W2
-            feedback), and the rounding difference alone tipped the demo's seed into it (non-finite losses from
-            step 130); with autograd's backward the same run trains to the end.
+            HOPE tiny trained 1.04-1.08x faster at one thread, 1.31-1.38x at two with passive OpenMP waiting).
+            Off by default: HOPE tiny trained at lr 3e-3 sits at the edge of its MLP memories' in-context divergence
+            (the W1-W2 feedback), and the rounding difference alone tipped the demo's seed into it (non-finite
+            losses from step 130); with autograd's backward the same run trains to the end.
 
     The slow initial memories (Eq 72-73) and gate biases live in ``self.memories``.
     """
