@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import torch
 
-from ._common import chunk_log_decay, decay_matrix, factored_decay_ok, from_chunks, to_chunks
+from ._common import chunk_log_decay, decay_matrix, factored_decay_ok, to_chunks
 from ._common import scale_rows as _rows
 from .threads import one_thread_if_threads_sleep as _one_thread
+from .threads import threads_sleep_between_ops
 
 
 def unit_lower_inverse_reference(L: torch.Tensor) -> torch.Tensor:
@@ -71,6 +72,8 @@ def unit_lower_inverse_blocked(L: torch.Tensor) -> torch.Tensor:
     """
     lead, n = L.shape[:-2], L.shape[-1]
     L = L.reshape(-1, n, n)
+    if _base_block_size(n) <= _SUBSTITUTION_SIZE < n:
+        return _unit_lower_inverse_in_place_levels(L.contiguous()).reshape(*lead, n, n)
     if n <= _SUBSTITUTION_SIZE:
         return _substitution_inverse(L).reshape(*lead, n, n)
     h = n // 2
@@ -84,6 +87,39 @@ def unit_lower_inverse_blocked(L: torch.Tensor) -> torch.Tensor:
     # Into a fresh product, then copied: a matmul writing into the strided block runs one matrix at a time.
     X[:, h:, :h] = -((X22 @ L[:, h:, :h]) @ X11)
     return X.reshape(*lead, n, n)
+
+
+def _base_block_size(n: int) -> int:
+    """n halved while even and above ``_SUBSTITUTION_SIZE``: the diagonal blocks the levels start from."""
+    while n > _SUBSTITUTION_SIZE and n % 2 == 0:
+        n //= 2
+    return n
+
+
+def _level_blocks(X: torch.Tensor, s: int, offset: int) -> torch.Tensor:
+    """Every other s x s block along the diagonal of each (n, n) matrix of a contiguous X: (M, n / 2s, s, s) view,
+    starting ``offset`` elements into each matrix (0: the even diagonal blocks, s (n + 1): the odd ones, s n: the
+    blocks below the even ones)."""
+    M, n, _ = X.shape
+    return X.as_strided((M, n // (2 * s), s, s), (n * n, 2 * s * (n + 1), n, 1), X.storage_offset() + offset)
+
+
+def _unit_lower_inverse_in_place_levels(L: torch.Tensor) -> torch.Tensor:
+    """``unit_lower_inverse_blocked`` for L: (M, n, n) contiguous, n = b 2^j with b <= ``_SUBSTITUTION_SIZE``: the
+    same 2 x 2 block formula, level by level from the b x b diagonal blocks up, every level's blocks read and
+    written as strided views of one output (no per-level concatenation and reassembly of the matrices)."""
+    M, n, _ = L.shape
+    b = _base_block_size(n)
+    X = torch.zeros_like(L)
+    diagonal = (M, n // b, b, b), (n * n, b * (n + 1), n, 1)
+    X_diag = X.as_strided(*diagonal, X.storage_offset())
+    X_diag.copy_(_substitution_inverse(L.as_strided(*diagonal, L.storage_offset()).reshape(-1, b, b)).view_as(X_diag))
+    s = b
+    while s < n:
+        X11, X22 = _level_blocks(X, s, 0), _level_blocks(X, s, s * (n + 1))
+        _level_blocks(X, s, s * n).copy_(((X22 @ _level_blocks(L, s, s * n)) @ X11).neg_())
+        s *= 2
+    return X
 
 
 def _uses_blocked_inverse(L: torch.Tensor) -> bool:
@@ -132,18 +168,36 @@ def chunk_scan_reference(A: torch.Tensor, Bc: torch.Tensor, R0: torch.Tensor) ->
     return torch.stack(states)
 
 
+def chunk_scan_values(A: torch.Tensor, Bc: torch.Tensor, R0: torch.Tensor) -> torch.Tensor:
+    """``chunk_scan_reference``'s states without autograd, into one preallocated (N + 1, M, Dk, Dv) tensor."""
+    N = A.shape[0]
+    out = R0.new_empty(N + 1, *R0.shape)
+    out[0] = R0
+    with _one_thread(R0.device):
+        for n in range(N):
+            torch.baddbmm(Bc[n], A[n], out[n], out=out[n + 1])
+    return out
+
+
+def chunk_scan_state_grads(A: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The scan's backward recursion without autograd: dR_N = G_N, dR_n = G_n + A_n^T dR_{n+1}, where G: (N + 1,
+    M, Dk, Dv) is the gradient of every state directly. Returns every dR_n."""
+    N = A.shape[0]
+    dR = torch.empty_like(grad)
+    dR[N] = grad[N]
+    with _one_thread(grad.device):
+        for n in range(N - 1, -1, -1):
+            torch.baddbmm(grad[n], A[n].mT, dR[n + 1], out=dR[n])
+    return dR
+
+
 class _ChunkScan(torch.autograd.Function):
     """``chunk_scan_reference`` with preallocated outputs and a hand-written backward:
     dR_n = G_n + A_n^T dR_{n+1} (from dR_N = G_N), dBc_n = dR_{n+1}, dA_n = dR_{n+1} R_n^T."""
 
     @staticmethod
     def forward(ctx, A, Bc, R0):
-        N = A.shape[0]
-        out = R0.new_empty(N + 1, *R0.shape)
-        out[0] = R0
-        with _one_thread(R0.device):
-            for n in range(N):
-                torch.baddbmm(Bc[n], A[n], out[n], out=out[n + 1])
+        out = chunk_scan_values(A, Bc, R0)
         ctx.save_for_backward(A, out)
         return out
 
@@ -158,11 +212,7 @@ class _ChunkScan(torch.autograd.Function):
                     grads.append(torch.baddbmm(grad[n], A[n].mT, grads[-1]))
             dR = torch.stack(grads[::-1])
         else:
-            dR = torch.empty_like(out)
-            dR[N] = grad[N]
-            with _one_thread(out.device):
-                for n in range(N - 1, -1, -1):
-                    torch.baddbmm(grad[n], A[n].mT, dR[n + 1], out=dR[n])
+            dR = chunk_scan_state_grads(A, grad)
         dA = dR[1:] @ out[:-1].mT
         return dA, dR[1:], dR[0]
 
@@ -183,11 +233,35 @@ def _intra_chunk_masked(q, k, eta, g, g_prev, read):
     return L, (q @ k.mT) * decay_read
 
 
+def chunks_per_group(N: int, BH: int, C: int, D: int, x: torch.Tensor) -> int:
+    """How many chunks ``delta_rule_chunk`` takes through its batched steps at a time (all N, or fewer on CPU).
+
+    On CPU the intermediates of a whole long sequence (eight (N, B*H, C, D) tensors and more) spill from cache to
+    memory between one product and the next; a group of chunks whose tensors stay near ``GROUP_BYTES`` each is read
+    back from cache instead (T = 8192, four heads of 64, forward: 57 -> 46 ms at one thread, 31 -> 28 ms at two).
+    Not on other devices, which want the largest batches, nor while torch.compile traces the code, nor when idle
+    threads sleep between ops (OMP_WAIT_POLICY=PASSIVE with more than one thread): there each op of a group pays a
+    wake-up, and fewer, larger ops win (35 -> 46 ms at two threads in groups of 16 chunks).
+    """
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return N
+    if torch.get_num_threads() > 1 and threads_sleep_between_ops():
+        return N
+    per_chunk = BH * C * max(C, D) * x.element_size()
+    return max(1, min(N, GROUP_BYTES // per_chunk))
+
+
+# Bytes of one (G, B*H, C, D) intermediate of a chunk group on CPU (see chunks_per_group): a few of them fit the
+# per-core L2 caches of current CPUs (1-2 MiB).
+GROUP_BYTES = 512 * 1024
+
+
 def delta_rule_chunk(q, k, v, eta, alpha, initial_state, chunk_size, read, dtype):
     """Chunked delta rule. q, k: (B, T, H, Dk), v: (B, T, H, Dv), eta, alpha: (B, T, H), state (B, H, Dv, Dk).
 
     Returns o: (B, T, H, Dv) and S_T: (B, H, Dv, Dk), both in ``dtype``. Internally (N, B*H, C, D) chunks and the
-    transposed state R = S^T: (B*H, Dk, Dv).
+    transposed state R = S^T: (B*H, Dk, Dv), taken through ``_chunk_group`` a group of chunks at a time (the
+    state carried from one group to the next).
     """
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
@@ -203,12 +277,45 @@ def delta_rule_chunk(q, k, v, eta, alpha, initial_state, chunk_size, read, dtype
     eta = to_chunks(eta.to(dtype), C, chunk_major=True).contiguous()
     g, g_prev = chunk_log_decay(alpha, C, dtype, chunk_major=True)  # (N, BH, C) each, or None
     N = k.shape[0]
+    factored = factored_decay_ok(g, dtype)
+    G = chunks_per_group(N, B * H, C, max(Dk, Dv), q)
+    # Split, not sliced: one autograd node concatenates the groups' gradients (a slice's backward would write
+    # each group's into a zero tensor of the whole input's size).
+    groups = [x.split(G) if x is not None else [None] * -(-N // G) for x in (q, k, v, eta, g, g_prev)]
+    outputs = []
+    hand_grad = factored and not torch.compiler.is_compiling()
+    if hand_grad:  # builds on this module's primitives, hence imported here
+        from .delta_rule_chunk_grad import chunk_group_hand_grad
+    for q_g, k_g, v_g, eta_g, g_g, g_prev_g in zip(*groups):
+        if hand_grad:
+            o, R = chunk_group_hand_grad(q_g, k_g, v_g, eta_g, g_g, g_prev_g, R, read)
+        else:
+            o, R = _chunk_group(q_g, k_g, v_g, eta_g, g_g, g_prev_g, R, read, factored)
+        # (n, BH, C, Dv) -> (B, n, C, H, Dv): token-major, so that the groups concatenate along the sequence
+        outputs.append(o.view(o.shape[0], B, H, C, Dv).permute(1, 0, 3, 2, 4))
+    o = outputs[0].contiguous() if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    o = o.reshape(B, N * C, H, Dv)[:, :T].contiguous()
+    return o, R.mT.reshape(B, H, Dv, Dk).contiguous()
 
+
+def _chunk_group(q, k, v, eta, g, g_prev, R, read, factored):
+    """Outputs (n, BH, C, Dv) of n consecutive chunks (n, BH, C, D) entered with state R: (BH, Dk, Dv), and the
+    state after them. g, g_prev: in-chunk log decays (n, BH, C) or None; ``factored``: whether every chunk's decay
+    range allows the factored decays (``factored_decay_ok``). Differentiable by autograd."""
+    parts = chunk_group_parts(q, k, v, eta, g, g_prev, R, read, factored)
+    return parts["o"], parts["R_all"][q.shape[0]]
+
+
+def chunk_group_parts(q, k, v, eta, g, g_prev, R, read, factored) -> dict:
+    """``_chunk_group``'s outputs and intermediates: o, R_all (the n + 1 states, entering each chunk, then after the
+    last), k_write, q_inter, k_read (None without factored decays), k_tail, P, T_inv, W1, W2, A, q_state."""
+    n, BH, C, Dv = v.shape
     k_write = _rows(k, g_prev, eta)  # eta_t gamma_{t-1} k_t
     q_inter = _rows(q, g if read == "after" else g_prev)  # gamma_t q_t or gamma_{t-1} q_t
-    if factored_decay_ok(g, dtype):
+    k_read = None
+    if factored:
         # gamma_rows_t / gamma_i = exp(g_rows_t) exp(-g_i): the decays ride on the matmul operands.
-        # Columns k_i / gamma_i: (N, BH, C, Dk), read transposed.
+        # Columns k_i / gamma_i: (n, BH, C, Dk), read transposed.
         k_read = _rows(k, None if g is None else -g)
         L = k_write @ k_read.mT
         P = (q_inter @ k_read.mT).tril_(0 if read == "after" else -1)
@@ -216,20 +323,21 @@ def delta_rule_chunk(q, k, v, eta, alpha, initial_state, chunk_size, read, dtype
         L, P = _intra_chunk_masked(q.contiguous(), k.contiguous(), eta, g, g_prev, read)
 
     # UT transform once per chunk, all chunks at once; only the strictly lower triangle of L is read.
-    T_inv = unit_lower_inverse(L)  # (N, BH, C, C)
-    W1 = T_inv @ _rows(v, None, eta)  # (N, BH, C, Dv)
-    W2 = T_inv @ k_write  # (N, BH, C, Dk)
+    T_inv = unit_lower_inverse(L)  # (n, BH, C, C)
+    ev = _rows(v, None, eta)
+    W1 = T_inv @ ev  # (n, BH, C, Dv)
+    W2 = T_inv @ k_write  # (n, BH, C, Dk)
 
-    # K_tail^T, columns (gamma_C / gamma_i) k_i: (N, BH, Dk, C), and the chunk maps R -> A R + Bc.
-    k_tail_T = k.mT if g is None else _rows(k, g[..., -1:] - g).mT
-    A = (k_tail_T @ W2).neg_()
+    # K_tail, rows (gamma_C / gamma_i) k_i: (n, BH, C, Dk), read transposed, and the chunk maps R -> A R + Bc.
+    k_tail = k if g is None else _rows(k, g[..., -1:] - g)
+    A = (k_tail.mT @ W2).neg_()
     A.diagonal(dim1=-2, dim2=-1).add_(1.0 if g is None else torch.exp(g[..., -1:]))  # + gamma_C I
-    R_all = chunk_scan(A, k_tail_T @ W1, R)  # (N + 1, BH, Dk, Dv): S^T entering each chunk, then S_T^T
+    R_all = chunk_scan(A, k_tail.mT @ W1, R)  # (n + 1, BH, Dk, Dv): S^T entering each chunk, then after the last
 
     # o = q_inter R_0 + P U with U = W1 - W2 R_0, regrouped as (q_inter - P W2) R_0 + P W1: U is never formed
     # and only the last product waits for the recurrence.
-    W1, W2, P, q_inter = (x.flatten(0, 1) for x in (W1, W2, P, q_inter))
-    q_state = torch.baddbmm(q_inter, P, W2, alpha=-1.0)  # (N*BH, C, Dk)
-    o = torch.baddbmm(P @ W1, q_state, R_all[:N].flatten(0, 1))  # (N*BH, C, Dv)
-    S = R_all[N].mT.reshape(B, H, Dv, Dk).contiguous()
-    return from_chunks(o.view(N, B * H, C, Dv), B, H, T, chunk_major=True).contiguous(), S
+    flat = [x.flatten(0, 1) for x in (W1, W2, P, q_inter)]
+    q_state = torch.baddbmm(flat[3], flat[2], flat[1], alpha=-1.0)  # (n*BH, C, Dk)
+    o = torch.baddbmm(flat[2] @ flat[0], q_state, R_all[:n].flatten(0, 1))  # (n*BH, C, Dv)
+    return dict(o=o.view(n, BH, C, Dv), R_all=R_all, k_write=k_write, q_inter=q_inter, k_read=k_read, ev=ev,
+                k_tail=k_tail, P=P, T_inv=T_inv, W1=W1, W2=W2, A=A, q_state=q_state.view(n, BH, C, -1))
