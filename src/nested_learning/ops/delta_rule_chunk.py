@@ -272,16 +272,18 @@ def delta_rule_chunk(q, k, v, eta, alpha, initial_state, chunk_size, read, dtype
     if T == 0:
         return v.new_zeros(B, 0, H, Dv, dtype=dtype), R.mT.reshape(B, H, Dv, Dk).contiguous()
     C = min(chunk_size, T)
-    q, k, v = (to_chunks(x.to(dtype), C, chunk_major=True) for x in (q, k, v))  # (N, BH, C, D)
+    N = -(-T // C)
+    G = chunks_per_group(N, B * H, C, max(Dk, Dv), q)
+    # q, k, v split into groups of G C tokens, each then chunked (N_g, BH, C, D): the layout change of their
+    # gradients happens group by group, and the groups' gradients concatenate along the sequence. Split, not
+    # sliced: one autograd node concatenates them (a slice's backward writes each into a zero tensor of the whole
+    # input's size).
+    qkv = [[to_chunks(part, C, chunk_major=True) for part in x.to(dtype).split(G * C, dim=1)] for x in (q, k, v)]
     # (N, BH, C), contiguous so that the row scalings built from it write contiguous results.
     eta = to_chunks(eta.to(dtype), C, chunk_major=True).contiguous()
     g, g_prev = chunk_log_decay(alpha, C, dtype, chunk_major=True)  # (N, BH, C) each, or None
-    N = k.shape[0]
     factored = factored_decay_ok(g, dtype)
-    G = chunks_per_group(N, B * H, C, max(Dk, Dv), q)
-    # Split, not sliced: one autograd node concatenates the groups' gradients (a slice's backward would write
-    # each group's into a zero tensor of the whole input's size).
-    groups = [x.split(G) if x is not None else [None] * -(-N // G) for x in (q, k, v, eta, g, g_prev)]
+    groups = [*qkv, *(x.split(G) if x is not None else [None] * len(qkv[0]) for x in (eta, g, g_prev))]
     outputs = []
     hand_grad = factored and not torch.compiler.is_compiling()
     if hand_grad:  # builds on this module's primitives, hence imported here

@@ -70,10 +70,14 @@ class _ChunkGroup(torch.autograd.Function):
         a, c, t, r, gamma_prev, gamma_C = _scales(eta, g, g_prev, ctx.read)
         n = q.shape[0]
         Rj = R_all[:n]  # the state entering each chunk: (n, BH, Dk, Dv)
+        # o's gradient arrives as a view of the whole sequence's (token-major): one copy instead of one per product
+        go = go.contiguous()
 
         # reads o = q_inter R_j + P U_j, and the recurrence over the group's chunks
         dq_inter = go @ Rj.mT
-        state_grads = torch.cat([q_state.mT @ go, gR.unsqueeze(0)])  # gradient of each R_j directly, then R_n's
+        state_grads = torch.empty_like(R_all)  # gradient of each R_j directly, then R_n's
+        torch.matmul(q_state.mT, go, out=state_grads[:n])
+        state_grads[n] = gR
         dR = chunk_scan_state_grads(A, state_grads)
         dR_next = dR[1:]
         U = torch.baddbmm(W1.flatten(0, 1), W2.flatten(0, 1), Rj.flatten(0, 1), alpha=-1.0).view_as(W1)
