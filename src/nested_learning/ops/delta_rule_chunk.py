@@ -23,6 +23,11 @@ small enough that exp(+-g) stays far from overflow, they are factored as exp(g_t
 column scales of the matmuls (no C x C exp); otherwise the masked differences exp(g_t - g_i) are formed directly,
 which is exact for any alpha in (0, 1].
 
+Groups: on CPU the chunks go through those batched steps a group at a time (``chunks_per_group``: groups whose
+intermediates stay in cache), the state carried from one group to the next; with factored decays each group is one
+autograd node with a hand-written backward (``delta_rule_chunk_grad``), else autograd differentiates
+``_chunk_group``.
+
 Layout: chunk-major, (N, B*H, C, D), so that the per-chunk recurrence reads and writes contiguous (B*H, D, D)
 slices. Products read transposed operands as views (on this CPU build batched X @ Y^T runs as fast as X @ Y at
 these sizes), so no operand is copied only to be transposed.
@@ -233,15 +238,21 @@ def _intra_chunk_masked(q, k, eta, g, g_prev, read):
     return L, (q @ k.mT) * decay_read
 
 
+# Bytes of one (G, B*H, C, D) intermediate of a chunk group on CPU (see chunks_per_group): a few of them fit the
+# per-core L2 caches of current CPUs (1-2 MiB).
+GROUP_BYTES = 512 * 1024
+
+
 def chunks_per_group(N: int, BH: int, C: int, D: int, x: torch.Tensor) -> int:
     """How many chunks ``delta_rule_chunk`` takes through its batched steps at a time (all N, or fewer on CPU).
 
     On CPU the intermediates of a whole long sequence (eight (N, B*H, C, D) tensors and more) spill from cache to
     memory between one product and the next; a group of chunks whose tensors stay near ``GROUP_BYTES`` each is read
-    back from cache instead (T = 8192, four heads of 64, forward: 57 -> 46 ms at one thread, 31 -> 28 ms at two).
+    back from cache instead: a batched (64 x 64) product runs at 98 GFLOP/s over 32 matrices against 71 over 512 at
+    one thread here (the forward at T = 8192, four heads of 64: 59 -> 44 ms at one thread, docs/results/bench_ops.md).
     Not on other devices, which want the largest batches, nor while torch.compile traces the code, nor when idle
     threads sleep between ops (OMP_WAIT_POLICY=PASSIVE with more than one thread): there each op of a group pays a
-    wake-up, and fewer, larger ops win (35 -> 46 ms at two threads in groups of 16 chunks).
+    wake-up, and fewer, larger ops win (at two threads the forward took about 35 ms whole, 46 ms in groups of 16).
     """
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return N
@@ -249,11 +260,6 @@ def chunks_per_group(N: int, BH: int, C: int, D: int, x: torch.Tensor) -> int:
         return N
     per_chunk = BH * C * max(C, D) * x.element_size()
     return max(1, min(N, GROUP_BYTES // per_chunk))
-
-
-# Bytes of one (G, B*H, C, D) intermediate of a chunk group on CPU (see chunks_per_group): a few of them fit the
-# per-core L2 caches of current CPUs (1-2 MiB).
-GROUP_BYTES = 512 * 1024
 
 
 def delta_rule_chunk(q, k, v, eta, alpha, initial_state, chunk_size, read, dtype):
