@@ -88,7 +88,7 @@ def test_groups_of_chunks_equal_the_whole_sequence(monkeypatch, read, alpha, str
         return (o, S, *torch.autograd.grad((o, S), leaves, (go, gS)))
 
     per_chunk = 2 * 2 * 8 * 8 * 8  # B*H rows of chunks, C x max(C, D), fp64
-    assert dc.chunks_per_group(6, 4, 8, 5, args[0]) == 6  # the default groups hold these chunks whole
+    assert dc.chunks_per_group(6, 4, 8, 5, args[0].device, torch.float64) == 6  # the default holds them whole
     whole = run(1 << 40)
     for chunks in (4, 2, 1):
         for a, b in zip(run(chunks * per_chunk), whole):
@@ -110,22 +110,32 @@ def test_delta_rule_takes_the_hand_written_group_where_decays_factor(monkeypatch
 
 
 def test_group_size_rule(monkeypatch):
-    x = torch.zeros(1)
+    cpu, f32 = torch.device("cpu"), torch.float32
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     # (G, 4, 64, 64) fp32 intermediates of 64 KiB per chunk: 8 chunks in 512 KiB
-    assert dc.chunks_per_group(128, 4, 64, 64, x) == 8
-    assert dc.chunks_per_group(5, 4, 64, 64, x) == 5
-    assert dc.chunks_per_group(128, 512, 64, 64, x) == 1  # a chunk larger than the budget still makes a group
-    assert dc.chunks_per_group(128, 4, 64, 64, x.double()) == 4
-    assert dc.chunks_per_group(128, 4, 64, 64, torch.zeros(1, device="meta")) == 128  # other devices: one group
+    assert dc.chunks_per_group(128, 4, 64, 64, cpu, f32) == 8
+    assert dc.chunks_per_group(5, 4, 64, 64, cpu, f32) == 5
+    assert dc.chunks_per_group(128, 512, 64, 64, cpu, f32) == 1  # a chunk larger than the budget still makes a group
+    assert dc.chunks_per_group(128, 4, 64, 64, cpu, torch.float64) == 4
+    assert dc.chunks_per_group(128, 4, 64, 64, torch.device("meta"), f32) == 128  # other devices: one group
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert dc.chunks_per_group(128, 4, 64, 64, x) == 128
+    assert dc.chunks_per_group(128, 4, 64, 64, cpu, f32) == 128
     monkeypatch.undo()
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert dc.chunks_per_group(128, 4, 64, 64, x) == 128  # sleeping threads: fewer, larger ops
+    assert dc.chunks_per_group(128, 4, 64, 64, cpu, f32) == 128  # sleeping threads: fewer, larger ops
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert dc.chunks_per_group(128, 4, 64, 64, x) == 8
+    assert dc.chunks_per_group(128, 4, 64, 64, cpu, f32) == 8
+
+
+def test_bf16_inputs_are_grouped_by_their_fp32_compute_size(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    sizes = []
+    group = dc.chunks_per_group
+    monkeypatch.setattr(dc, "chunks_per_group", lambda *a: sizes.append(a[-1]) or group(*a))
+    q, k, v, eta, alpha, _ = make_inputs(1, 20, 1, 4, 4, dtype=torch.bfloat16)
+    o, _ = delta_rule(q, k, v, eta, alpha, chunk_size=4)
+    assert sizes == [torch.float32] and o.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("n", [16, 24, 64, 128])

@@ -243,7 +243,7 @@ def _intra_chunk_masked(q, k, eta, g, g_prev, read):
 GROUP_BYTES = 512 * 1024
 
 
-def chunks_per_group(N: int, BH: int, C: int, D: int, x: torch.Tensor) -> int:
+def chunks_per_group(N: int, BH: int, C: int, D: int, device: torch.device, dtype: torch.dtype) -> int:
     """How many chunks ``delta_rule_chunk`` takes through its batched steps at a time (all N, or fewer on CPU).
 
     On CPU the intermediates of a whole long sequence (eight (N, B*H, C, D) tensors and more) spill from cache to
@@ -254,11 +254,11 @@ def chunks_per_group(N: int, BH: int, C: int, D: int, x: torch.Tensor) -> int:
     threads sleep between ops (OMP_WAIT_POLICY=PASSIVE with more than one thread): there each op of a group pays a
     wake-up, and fewer, larger ops win (at two threads the forward took about 35 ms whole, 46 ms in groups of 16).
     """
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
+    if device.type != "cpu" or torch.compiler.is_compiling():
         return N
     if torch.get_num_threads() > 1 and threads_sleep_between_ops():
         return N
-    per_chunk = BH * C * max(C, D) * x.element_size()
+    per_chunk = BH * C * max(C, D) * torch.finfo(dtype).bits // 8
     return max(1, min(N, GROUP_BYTES // per_chunk))
 
 
@@ -279,7 +279,7 @@ def delta_rule_chunk(q, k, v, eta, alpha, initial_state, chunk_size, read, dtype
         return v.new_zeros(B, 0, H, Dv, dtype=dtype), R.mT.reshape(B, H, Dv, Dk).contiguous()
     C = min(chunk_size, T)
     N = -(-T // C)
-    G = chunks_per_group(N, B * H, C, max(Dk, Dv), q)
+    G = chunks_per_group(N, B * H, C, max(Dk, Dv), q.device, dtype)
     # q, k, v split into groups of G C tokens, each then chunked (N_g, BH, C, D): the layout change of their
     # gradients happens group by group, and the groups' gradients concatenate along the sequence. Split, not
     # sliced: one autograd node concatenates them (a slice's backward writes each into a zero tensor of the whole
