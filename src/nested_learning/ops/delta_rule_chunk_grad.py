@@ -1,5 +1,5 @@
-"""A group of chunks of the chunked delta rule (``delta_rule_chunk._chunk_group``, factored decays) as one autograd
-node with its chain rule written out.
+"""A group of chunks of the chunked delta rule (Eq 65/88/93; ``delta_rule_chunk._chunk_group``, factored decays) as
+one autograd node with its chain rule written out.
 
 Autograd through ``_chunk_group`` records about thirty nodes per group, each with its own pass over the group's
 tensors; here the backward is one function over the group (its tensors stay in cache, see ``chunks_per_group``) and
