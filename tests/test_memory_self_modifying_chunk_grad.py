@@ -34,8 +34,8 @@ def _inputs(initial: bool, same: bool, M=3, n=5, dh=4, hid=6, seed=0):
     return (R_c, R, leaf(x), leaf(q), R_0, leaf(gate_bias)), leaves
 
 
-def _grads(step, args, leaves, objective, value_norm, weights=None, create_graph=False):
-    y, R = step(*args, objective, value_norm)
+def _grads(step, args, leaves, objective, value_norm, weights=None, create_graph=False, bounded_targets=False):
+    y, R = step(*args, objective, value_norm, bounded_targets)
     outs = [y, *R]
     if weights is None:
         weights = [torch.randn_like(t) for t in outs]
@@ -55,6 +55,23 @@ def test_hand_backward_equals_autograd(objective, value_norm, initial, same):
     outs_ref, g_ref, weights = _grads(fused_chunk_step, args, leaves, objective, value_norm)
     outs, g, _ = _grads(cg.fused_chunk_step_hand_grad, args, leaves, objective, value_norm, weights)
     assert "FusedChunkStep" in type(outs[0].grad_fn).__name__
+    for a, b in zip(outs, outs_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("objective", ["l2", "dot"])
+@pytest.mark.parametrize("initial", [True, False])
+def test_hand_backward_with_bounded_targets_equals_autograd(objective, initial):
+    """The same with the MLP memories' targets bounded (normalize, tanh): the targets' share of the gradient goes
+    through both bounds."""
+    args, leaves = _inputs(initial, same=False, seed=2)
+    kw = dict(bounded_targets=True)
+    outs_ref, g_ref, weights = _grads(fused_chunk_step, args, leaves, objective, True, **kw)
+    outs, g, _ = _grads(cg.fused_chunk_step_hand_grad, args, leaves, objective, True, weights, **kw)
+    plain, _, _ = _grads(fused_chunk_step, args, leaves, objective, True, weights)
+    assert not torch.allclose(plain[0], outs_ref[0])  # the bound changes the step
     for a, b in zip(outs, outs_ref):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     for a, b in zip(g, g_ref):
@@ -124,8 +141,8 @@ def test_layer_compiled_whole_equals_eager():
 
 
 def test_layer_with_hand_backward_equals_default_layer(monkeypatch):
-    """``hand_backward=True`` (off by default) changes how gradients are computed, not what they are: a streamed
-    layer's outputs and every gradient match the default layer's; HOPE passes ``titans_hand_backward`` on."""
+    """``hand_backward`` (on by default) changes how gradients are computed, not what they are: a streamed layer's
+    outputs and every gradient match autograd's layer; HOPE passes ``titans_hand_backward`` on."""
     import nested_learning.memory.self_modifying_titans as smt
     from nested_learning.memory import SelfModifyingTitans
     from nested_learning.models import build_model
@@ -135,8 +152,8 @@ def test_layer_with_hand_backward_equals_default_layer(monkeypatch):
     monkeypatch.setattr(smt, "fused_chunk_step_hand_grad", lambda *a: calls.append(1) or step(*a))
 
     torch.manual_seed(0)
-    plain = SelfModifyingTitans(8, n_heads=2, chunk_size=4).double()
-    hand = SelfModifyingTitans(8, n_heads=2, chunk_size=4, hand_backward=True).double()
+    plain = SelfModifyingTitans(8, n_heads=2, chunk_size=4, hand_backward=False).double()
+    hand = SelfModifyingTitans(8, n_heads=2, chunk_size=4).double()
     hand.load_state_dict(plain.state_dict())
     x = torch.randn(2, 11, 8, dtype=torch.float64, requires_grad=True)
     outs = []
@@ -149,5 +166,7 @@ def test_layer_with_hand_backward_equals_default_layer(monkeypatch):
     for a, b in zip(outs[0][1], outs[1][1]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
     assert not plain.hand_backward and len(calls) == 4  # the hand layer's four pieces: 4, 2 | 2, 3 tokens
-    model = build_model("hope", "tiny", vocab_size=64, titans_hand_backward=True)
-    assert all(block.mixer.hand_backward for block in model.blocks)
+    model = build_model("hope", "tiny", vocab_size=64)
+    assert all(b.mixer.hand_backward and b.mixer.memories.bounded_targets for b in model.blocks)
+    model = build_model("hope", "tiny", vocab_size=64, titans_hand_backward=False, titans_bounded_targets=False)
+    assert not any(b.mixer.hand_backward or b.mixer.memories.bounded_targets for b in model.blocks)

@@ -92,6 +92,8 @@ def reference_mlp(layer, x):
                 out[b, t, hd] = _mlp("memory", W, q_t)  # both layers before this token's write
                 for box in BOXES:
                     v_hat = _mlp(box, W0, v_t)
+                    if mem.bounded_targets:  # unit k, v, memory targets; tanh of the gate targets
+                        v_hat = F.normalize(v_hat, dim=0) if box in ("k", "v", "memory") else torch.tanh(v_hat)
                     leaves = {box: [w.detach().clone().requires_grad_() for w in W0[box]]}
                     g2, g1 = torch.autograd.grad(
                         _loss(layer.objective, _mlp(box, leaves, k_t), v_hat.detach()), leaves[box]
@@ -155,6 +157,42 @@ def test_mlp_equals_plain_loop_reference(objective, chunk_size, value_norm, rete
     with torch.no_grad():
         o, _ = layer.read(x)
     torch.testing.assert_close(o, reference_mlp(layer, x), rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("bounded_targets", [True, False])
+@pytest.mark.parametrize("op_mode", ["fused", "chunk"])
+@pytest.mark.parametrize("objective", ["l2", "dot"])
+def test_mlp_targets_bounded_or_not_equal_plain_loop_reference(objective, op_mode, bounded_targets):
+    layer = _layer(objective, 3, memory="mlp", hidden=6, op_mode=op_mode, bounded_targets=bounded_targets)
+    x = torch.randn(1, 7, 8, dtype=torch.float64)
+    with torch.no_grad():
+        o, _ = layer.read(x)
+        layer.memories.bounded_targets = not bounded_targets
+        other, _ = layer.read(x)
+        layer.memories.bounded_targets = bounded_targets
+    torch.testing.assert_close(o, reference_mlp(layer, x), rtol=0, atol=1e-8)
+    assert (o - other).abs().max() > 1e-6  # the option changes the step, and the reference loop sees it
+
+
+def _scaled_layer(bounded_targets):
+    """A random layer whose memory weights are scaled by 3 and whose eta starts near 0.9: the regime in which the
+    MLP memories' own outputs, as targets, make W2 grow by a factor per chunk."""
+    torch.manual_seed(0)
+    layer = SelfModifyingTitans(32, n_heads=2, chunk_size=16, eta_bias=2.0, bounded_targets=bounded_targets)
+    with torch.no_grad():
+        layer.memories.w1.mul_(3.0)
+        layer.memories.w2.mul_(3.0)
+    return layer
+
+
+def test_bounded_targets_keep_the_mlp_memories_bounded():
+    x = torch.randn(1, 1024, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, state = _scaled_layer(False).read(x)
+        _, bounded = _scaled_layer(True).read(x)
+    W2 = state.memory[0]
+    assert not torch.isfinite(W2).all() or W2.abs().max() > 1e6  # unbounded targets: the memories diverge
+    assert torch.isfinite(bounded.memory[0]).all() and bounded.memory[0].abs().max() < 2.0
 
 
 @pytest.mark.parametrize("memory", ["linear", "mlp"])

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..ops.delta_rule_one_chunk_grad import one_chunk_backward, one_chunk_forward
 from ..ops.threads import one_thread_if_threads_sleep
 from .neural_memory_chunk_grad import activation_derivatives
-from .self_modifying_memories import fused_chunk_step
+from .self_modifying_memories import bound_targets, fused_chunk_step
 
 _EPS = 1e-12  # F.normalize's
 
@@ -43,12 +43,12 @@ def _gelu_backward(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 class _FusedChunkStep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, objective, value_norm, initial, *tensors):
+    def forward(ctx, objective, value_norm, bounded_targets, initial, *tensors):
         with one_thread_if_threads_sleep(tensors[0].device):
-            return _FusedChunkStep._forward(ctx, objective, value_norm, initial, *tensors)
+            return _FusedChunkStep._forward(ctx, objective, value_norm, bounded_targets, initial, *tensors)
 
     @staticmethod
-    def _forward(ctx, objective, value_norm, initial, *tensors):
+    def _forward(ctx, objective, value_norm, bounded_targets, initial, *tensors):
         R2c, R1c, RGc, R2, R1, RG, x, q = tensors[:8]
         R2_0, R1_0, RG_0 = tensors[8:11] if initial else (None, None, None)
         gate_bias = tensors[-1]
@@ -67,10 +67,12 @@ class _FusedChunkStep(torch.autograd.Function):
         main = u + h[:3] @ R1c
         gate = (h[3:] @ RGc).squeeze(-1)
         zk, hk = z[:, :, n:], h[:, :, n:]
+        main_v, gate_v = main[:, :, :n], gate[:, :, :n]
+        v_main, v_gate = bound_targets(main_v, gate_v) if bounded_targets else (main_v, gate_v)
         if objective == "l2":
-            e_main, e_gate = main[:, :, n:] - main[:, :, :n], gate[:, :, n:] - gate[:, :, :n]
+            e_main, e_gate = main[:, :, n:] - v_main, gate[:, :, n:] - v_gate
         else:
-            e_main, e_gate = -main[:, :, :n], -gate[:, :, :n]
+            e_main, e_gate = -v_main, -v_gate
         back = torch.cat([e_main @ R1c.mT, e_gate.unsqueeze(-1) @ RGc.mT])
         delta2 = _gelu_backward(back, zk)
         err_main, err_gate = e_main, e_gate.unsqueeze(-1)
@@ -92,9 +94,11 @@ class _FusedChunkStep(torch.autograd.Function):
         y = q + o1
 
         ctx.objective, ctx.value_norm, ctx.initial, ctx.n_tensors = objective, value_norm, initial, len(tensors)
+        ctx.bounded_targets = bounded_targets
         ctx.steps = (s2, s1, sG)  # the delta rules' saved values (tensors computed here, no graph)
         ctx.save_for_backward(
-            *tensors, zx, hx, px, k, v, eta, alpha, u, z, h, e_main, e_gate, back, delta2, o2, hq, hk_sq, step
+            *tensors, zx, hx, px, k, v, eta, alpha, u, z, h, e_main, e_gate, back, delta2, o2, hq, hk_sq, step,
+            main_v, v_main, v_gate,
         )
         return y, R2n, R1n, RGn
 
@@ -112,7 +116,8 @@ class _FusedChunkStep(torch.autograd.Function):
             return _reference_backward(ctx, tensors, (gy, gR2n, gR1n, gRGn))
         R2c, R1c, RGc, R2, R1, RG, x, q = tensors[:8]
         R2_0, R1_0, RG_0 = tensors[8:11] if initial else (None, None, None)
-        (zx, hx, px, k, v, eta, alpha, u, z, h, e_main, e_gate, back, delta2, o2, hq, hk_sq, step) = saved[m:]
+        (zx, hx, px, k, v, eta, alpha, u, z, h, e_main, e_gate, back, delta2, o2, hq, hk_sq, step, main_v, v_main,
+         v_gate) = saved[m:]
         s2, s1, sG = ctx.steps
         n = x.shape[1]
         hk = h[:, :, n:]
@@ -175,10 +180,11 @@ class _FusedChunkStep(torch.autograd.Function):
         g_main = u.new_zeros(3, *u.shape)
         g_gate = u.new_zeros(2, *u.shape[:-1])
         if ctx.objective == "l2":
-            g_main[:, :, n:], g_main[:, :, :n] = g_e_main, -g_e_main
-            g_gate[:, :, n:], g_gate[:, :, :n] = g_e_gate, -g_e_gate
-        else:
-            g_main[:, :, :n], g_gate[:, :, :n] = -g_e_main, -g_e_gate
+            g_main[:, :, n:], g_gate[:, :, n:] = g_e_main, g_e_gate
+        g_main[:, :, :n], g_gate[:, :, :n] = -g_e_main, -g_e_gate  # the targets' share
+        if ctx.bounded_targets:  # v_hat = normalize(main_v), tanh(gate_v)
+            g_main[:, :, :n] = _normalize_backward(main_v, v_main, g_main[:, :, :n])
+            g_gate[:, :, :n] *= 1 - v_gate.square()
         # main = u + h[:3] R1c, gate = h[3:] RGc, h = gelu(z), z = u R2c
         g_h = torch.cat([g_main @ R1c.mT, g_gate.unsqueeze(-1) @ RGc.mT])
         g_h[:, :, n:] += g_hk
@@ -208,34 +214,36 @@ class _FusedChunkStep(torch.autograd.Function):
         out = [g_R2c, g_R1c, g_RGc, g_R2, g_R1, g_RG, g_x, g_q]
         if initial:
             out += [g_R2_0, g_R1_0, g_RG_0]
-        return (None, None, None, *out, g_gate_bias)
+        return (None, None, None, None, *out, g_gate_bias)
 
 
-def _pack(tensors, objective, value_norm, initial):
+def _pack(tensors, objective, value_norm, bounded_targets, initial):
     R_c, R, x, q = tuple(tensors[:3]), tuple(tensors[3:6]), tensors[6], tensors[7]
     R_0 = tuple(tensors[8:11]) if initial else None
-    return fused_chunk_step(R_c, R, x, q, R_0, tensors[-1], objective, value_norm)
+    return fused_chunk_step(R_c, R, x, q, R_0, tensors[-1], objective, value_norm, bounded_targets)
 
 
 def _reference_backward(ctx, tensors, grads):
     """The step's vector-Jacobian product by autograd through ``fused_chunk_step`` (differentiable)."""
     with torch.enable_grad():
         live = [t for t in tensors if t.requires_grad]
-        y, R_new = _pack(tensors, ctx.objective, ctx.value_norm, ctx.initial)
+        y, R_new = _pack(tensors, ctx.objective, ctx.value_norm, ctx.bounded_targets, ctx.initial)
         got = iter(torch.autograd.grad((y, *R_new), live, grads, create_graph=True, allow_unused=True))
-    return (None, None, None, *(next(got) if t.requires_grad else None for t in tensors))
+    return (None, None, None, None, *(next(got) if t.requires_grad else None for t in tensors))
 
 
-def fused_chunk_step_hand_grad(R_c, R, x, q, R_0, gate_bias, objective: str, value_norm: bool):
+def fused_chunk_step_hand_grad(R_c, R, x, q, R_0, gate_bias, objective: str, value_norm: bool,
+                               bounded_targets: bool = False):
     """``fused_chunk_step`` (same arguments, same outputs) with the hand-written backward of this module; without
     gradients to take it is ``fused_chunk_step`` itself (on one thread when idle threads sleep), and so it is while
     ``torch.compile`` traces it (the compiler then derives the backward of the reference)."""
+    args = (objective, value_norm, bounded_targets)
     if torch.compiler.is_compiling():
-        return fused_chunk_step(R_c, R, x, q, R_0, gate_bias, objective, value_norm)
+        return fused_chunk_step(R_c, R, x, q, R_0, gate_bias, *args)
     initial = R_0 is not None
     tensors = (*R_c, *R, x, q, *(R_0 if initial else ()), gate_bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        y, R2, R1, RG = _FusedChunkStep.apply(objective, value_norm, initial, *tensors)
+        y, R2, R1, RG = _FusedChunkStep.apply(*args, initial, *tensors)
         return y, (R2, R1, RG)
     with one_thread_if_threads_sleep(x.device):
-        return fused_chunk_step(R_c, R, x, q, R_0, gate_bias, objective, value_norm)
+        return fused_chunk_step(R_c, R, x, q, R_0, gate_bias, *args)

@@ -8,7 +8,8 @@ state before token t's write (the delta-rule op's read="before"). Gates: eta_t =
 alpha_t = sigmoid(M_alpha(x_t) + b_alpha). Objectives: L = -<M(k), v_hat> ("dot") or 1/2 ||M(k) - v_hat||^2 ("l2").
 Values: v_t = normalize(M_v(x_t)) when ``value_norm`` (the default), else M_v(x_t). With ``value_norm`` the matrix
 memories' self-generated values are bounded too (``_Memories.bounded``); the Eq 89 MLP memories' values
-v_hat = v + W1 sigma(W2 v) are anchored by their residual term and stay as they are.
+v_hat = v + W1 sigma(W2 v) are bounded the same way with ``bounded_targets`` (the default), see
+``MLPSelfModifyingMemories``.
 """
 
 from __future__ import annotations
@@ -133,16 +134,26 @@ class MLPSelfModifyingMemories(_Memories):
         W <- W (alpha I - eta_a a a^T) - eta_a delta a^T + (1 - alpha) W_0,
     i.e. the same DGD on W - W_0 with the value -(delta + W_0 a); ``retention="zero"`` is Eq 88 as written.
 
+    Bounded targets (``bounded_targets=True``, the default; our addition, False gives Eq 89's targets as they are):
+    v_hat = normalize(M_c(v_t)) for k, v, memory and tanh(M_c(v_t)) for the gates, as the matrix memories' targets
+    with ``value_norm``. Why: the targets are the memories' own outputs, so they grow with W2; the W2 step eta_t is
+    sized for the unit key alone, not for the gradient's path through W1, and a large enough W2 then grows by a factor
+    per chunk. A random layer with its memory weights scaled by 3 reached |W2| ~ 6e22 and NaN within 1,024 tokens
+    (``test_bounded_targets_keep_the_mlp_memories_bounded``), and so did HOPE tiny at step 130 of the demo's training
+    once only its backward's rounding changed (W2 from 0.6 to 1e3 in four chunks of one window, 3e27 by the window's
+    end); with bounded targets |W2| stays below 1.1 and 0.81 there.
+
     State ``[W2, W1, G1]``: ``W2: (B, H, 5*hidden, dh)`` (rows box-major), ``W1: (B, 3*H, dh, hidden)`` (k, v, memory;
     box-major heads), ``G1: (B, 2*H, 1, hidden)`` (eta, alpha).
     """
 
     def __init__(self, n_heads, head_dim, objective, eta_bias, alpha_bias, op_mode, value_norm, hidden=None,
-                 retention="initial"):
+                 retention="initial", bounded_targets=True):
         super().__init__(n_heads, head_dim, objective, eta_bias, alpha_bias, op_mode, value_norm)
         if retention not in RETENTIONS:
             raise ValueError(f"retention must be one of {RETENTIONS}, got {retention!r}")
         self.retention = retention
+        self.bounded_targets = bool(bounded_targets)
         dh = head_dim
         self.hidden = hid = 2 * dh if hidden is None else hidden
         self.w2 = nn.Parameter(torch.randn(n_heads, 5 * hid, dh) / dh**0.5)
@@ -177,6 +188,8 @@ class MLPSelfModifyingMemories(_Memories):
         v = self.values(px[:, :, 1])
         eta, alpha = self.gates(gx[:, :, 0, :, 0], gx[:, :, 1, :, 0])
         _, _, v_main, v_gate = self._evaluate(W2c, W1c, G1c, v)  # v_hat_box = M_box,c(v_t)
+        if self.bounded_targets:
+            v_main, v_gate = bound_targets(v_main, v_gate)
         zk, hk, out_main, out_gate = self._evaluate(W2c, W1c, G1c, k)
         if self.objective == "l2":  # dL/dM(k) at the chunk-start weights
             e_main, e_gate = out_main - v_main, out_gate - v_gate
@@ -251,7 +264,7 @@ class MLPSelfModifyingMemories(_Memories):
         initial memories (retention "initial") or None; gate_bias: (M, 2). Returns o: (M, n, dh) and the new R.
         ``step``: the function that computes it (``fused_chunk_step``, or a compiled copy of it)."""
         step = fused_chunk_step if step is None else step
-        return step(R_c, R, x, q, R_0, gate_bias, self.objective, self.value_norm)
+        return step(R_c, R, x, q, R_0, gate_bias, self.objective, self.value_norm, self.bounded_targets)
 
 
 def _fused_evaluate(R, u):
@@ -263,7 +276,13 @@ def _fused_evaluate(R, u):
     return z, h, u + h[:3] @ R1, (h[3:] @ RG).squeeze(-1)
 
 
-def fused_chunk_step(R_c, R, x, q, R_0, gate_bias, objective: str, value_norm: bool):
+def bound_targets(main: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MLP memories' self-generated targets bounded as ``_Memories.bounded`` bounds the matrix memories': unit
+    dh-wide outputs (k, v, memory), tanh of the gate outputs (eta, alpha)."""
+    return F.normalize(main, dim=-1), torch.tanh(gate)
+
+
+def fused_chunk_step(R_c, R, x, q, R_0, gate_bias, objective: str, value_norm: bool, bounded_targets: bool = False):
     """One Eq 90 chunk of the Eq 89 MLP memories in the fused layout (``MLPSelfModifyingMemories.fused_chunk``): the
     arithmetic of ``MLPSelfModifyingMemories.chunk``, which it equals (tests). A pure function of tensors, so that one
     compiled copy serves every layer."""
@@ -275,10 +294,13 @@ def fused_chunk_step(R_c, R, x, q, R_0, gate_bias, objective: str, value_norm: b
     alpha = torch.sigmoid(gx[1] + gate_bias[:, 1:])
     z, h, main, gate = _fused_evaluate(R_c, torch.cat([v, k], dim=1))  # v_hat = M_c(v_t) and M_c(k_t)
     zk, hk = z[:, :, n:], h[:, :, n:]
+    v_main, v_gate = main[:, :, :n], gate[:, :, :n]
+    if bounded_targets:
+        v_main, v_gate = bound_targets(v_main, v_gate)
     if objective == "l2":  # dL/dM(k) at the chunk-start weights
-        e_main, e_gate = main[:, :, n:] - main[:, :, :n], gate[:, :, n:] - gate[:, :, :n]
+        e_main, e_gate = main[:, :, n:] - v_main, gate[:, :, n:] - v_gate
     else:
-        e_main, e_gate = -main[:, :, :n], -gate[:, :, :n]
+        e_main, e_gate = -v_main, -v_gate
     _, R1c, RGc = R_c
     back = torch.cat([e_main @ R1c.mT, e_gate.unsqueeze(-1) @ RGc.mT])  # W1^T e per memory: (5, M, n, hid)
     delta2 = torch.ops.aten.gelu_backward(back, zk)

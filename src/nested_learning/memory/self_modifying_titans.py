@@ -6,7 +6,8 @@ Per head (width dh), after a causal depthwise convolution of the input:
     k_t = normalize(M_k(x_t)),  v_t = normalize(M_v(x_t))       adaptive projections (Eq 83; v normalised: value_norm)
     eta_t = sigmoid(M_eta(x_t) + b_eta),  alpha_t = sigmoid(M_alpha(x_t) + b_alpha)
     v_hat_box = M_box(v_t)         for box in {k, v, memory, eta, alpha}     self-generated values (Eq 84, 87;
-                                   bounded with value_norm: normalize, tanh for the gates, see _Memories.bounded)
+                                   bounded: normalize, tanh for the gates; matrix memories with value_norm,
+                                   _Memories.bounded; MLP memories with bounded_targets)
     M_box <- M_box (alpha_t I - eta_t k_t k_t^T) - eta_t grad L(M_box; k_t, v_hat_box)          DGD (Eq 88)
     o_t = M_memory(q_t)                                                                          (Eq 83)
 
@@ -94,13 +95,17 @@ class SelfModifyingTitans(nn.Module):
             untrained layer's MLP memories die within about a thousand tokens).
         value_norm: L2-normalise v_t (as q_t and k_t are). The self-generated targets v_hat = M(v_t) scale with v_t
             and feed back into the memories that produce v_t; without the normalisation the dot objective and the
-            MLP memories diverge from a random start. False gives Eq 83 literally.
+            MLP memories diverge from a random start. False (with ``bounded_targets=False`` for MLP memories) gives
+            Eq 83 literally.
         hand_backward: eager whole chunks of the fused MLP memories take ``fused_chunk_step`` with its hand-written
             backward (``self_modifying_chunk_grad``: the same values, gradients equal to autograd's to rounding;
             HOPE tiny trained 1.04-1.08x faster at one thread, 1.31-1.38x at two with passive OpenMP waiting).
-            Off by default: HOPE tiny trained at lr 3e-3 sits at the edge of its MLP memories' in-context divergence
-            (the W1-W2 feedback), and the rounding difference alone tipped the demo's seed into it (non-finite
-            losses from step 130); with autograd's backward the same run trains to the end.
+            False: autograd's backward of the same step.
+        bounded_targets: MLP memories only (default True; our addition): bound their self-generated targets
+            (normalize for k, v, memory; tanh for the gates), as ``value_norm`` bounds the matrix memories'. Without
+            it the targets grow with W2 and W2 can grow by a factor per chunk: HOPE tiny trained at the demo's lr
+            3e-3 overflowed inside one window at step 130 when only its backward's rounding changed (see
+            ``MLPSelfModifyingMemories``).
 
     The slow initial memories (Eq 72-73) and gate biases live in ``self.memories``.
     """
@@ -120,7 +125,8 @@ class SelfModifyingTitans(nn.Module):
         hidden: int | None = None,
         value_norm: bool = True,
         retention: str = "initial",
-        hand_backward: bool = False,
+        hand_backward: bool = True,
+        bounded_targets: bool = True,
     ):
         super().__init__()
         if not (isinstance(dim, int) and isinstance(n_heads, int) and n_heads > 0) or dim % n_heads:
@@ -141,7 +147,8 @@ class SelfModifyingTitans(nn.Module):
         self.hand_backward = bool(hand_backward)
         self.conv = ShortConv(dim, conv_size) if conv_size > 0 else None
         self.to_q = nn.Linear(dim, dim, bias=False)
-        extra = {} if memory == "linear" else {"hidden": hidden, "retention": retention}
+        extra = {} if memory == "linear" else {"hidden": hidden, "retention": retention,
+                                                "bounded_targets": bounded_targets}
         self.memories = MEMORIES[memory](
             n_heads, self.head_dim, objective, eta_bias, alpha_bias, "recurrent" if op_mode == "recurrent" else "chunk",
             value_norm, **extra

@@ -59,6 +59,7 @@ class HOPE(CMSLanguageModel):
                 retention=config.titans_retention,
                 conv_size=config.conv_size,
                 hand_backward=config.titans_hand_backward,
+                bounded_targets=config.titans_bounded_targets,
             ),
             make_cms=lambda i: make_cms(config),
             objective=config.cms_objective,

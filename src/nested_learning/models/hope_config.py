@@ -47,13 +47,16 @@ class HOPEConfig:
     # "mlp" (Eq 89 residual MLP memories, the sources' choice) | "linear" (matrix memories). With matrix memories the
     # five self-modifying memories collapse to one read through fixed maps (docs/equations.md, "Why MLP memories").
     titans_memory: str = "mlp"
-    titans_value_norm: bool = True  # L2-normalised values and bounded self-generated targets; False: Eq 83 literally
+    # L2-normalised values (and bounded targets of matrix memories); False, with titans_bounded_targets=False: Eq 83
+    titans_value_norm: bool = True
     titans_retention: str = "initial"  # MLP memories decay toward their initial weights; "zero": Eq 88 as written
     conv_size: int = 4
     # torch.compile backend of the Titans chunk step ("inductor"), or None for eager (SelfModifyingTitans.compile_chunk_step)
     titans_compile: str | None = None
-    # the Titans chunk step's hand-written backward (SelfModifyingTitans.hand_backward; off by default, see there)
-    titans_hand_backward: bool = False
+    # the Titans chunk step's hand-written backward (SelfModifyingTitans.hand_backward); False: autograd's
+    titans_hand_backward: bool = True
+    # MLP memories' self-generated targets bounded (SelfModifyingTitans.bounded_targets; our addition, see there)
+    titans_bounded_targets: bool = True
     # softmax attention (HOPE-attention)
     rope_theta: float = 10000.0
     max_seq_len: int | None = None
