@@ -285,7 +285,8 @@ def bound_targets(main: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor,
 def fused_chunk_step(R_c, R, x, q, R_0, gate_bias, objective: str, value_norm: bool, bounded_targets: bool = False):
     """One Eq 90 chunk of the Eq 89 MLP memories in the fused layout (``MLPSelfModifyingMemories.fused_chunk``): the
     arithmetic of ``MLPSelfModifyingMemories.chunk``, which it equals (tests). A pure function of tensors, so that one
-    compiled copy serves every layer."""
+    compiled copy serves every layer. ``bounded_targets``: ``bound_targets`` on the self-generated targets (the
+    layers pass their setting, True by default; False here keeps Eq 89's targets as they are)."""
     n = x.shape[1]
     _, _, px, gx = _fused_evaluate(R_c, x)
     k = F.normalize(px[0], dim=-1)

@@ -99,7 +99,8 @@ class SelfModifyingTitans(nn.Module):
             Eq 83 literally.
         hand_backward: eager whole chunks of the fused MLP memories take ``fused_chunk_step`` with its hand-written
             backward (``self_modifying_chunk_grad``: the same values, gradients equal to autograd's to rounding;
-            HOPE tiny trained 1.04-1.08x faster at one thread, 1.31-1.38x at two with passive OpenMP waiting).
+            HOPE tiny trained 1.01-1.08x faster at one thread, 1.29-1.38x at two with passive OpenMP waiting, over
+            three runs of ``benchmarks/bench_hope_chunk_step.py``).
             False: autograd's backward of the same step.
         bounded_targets: MLP memories only (default True; our addition): bound their self-generated targets
             (normalize for k, v, memory; tanh for the gates), as ``value_norm`` bounds the matrix memories'. Without
