@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from ..ops.reference_vjp import reference_vjp
 from ..ops.threads import one_thread_if_threads_sleep
 from .memories import _ACTIVATION_VJPS, _ACTIVATIONS
 from .neural_memory_fused import mlp_chunk_step
@@ -212,11 +213,7 @@ class _MLPChunkStep(torch.autograd.Function):
 
 def _reference_backward(inputs, grads, activation, grad_clip):
     """The step's vector-Jacobian product by autograd through ``mlp_chunk_step`` (differentiable: create_graph)."""
-    with torch.enable_grad():
-        live = [t for t in inputs if t is not None and t.requires_grad]
-        outs = mlp_chunk_step(*inputs, activation, grad_clip)
-        got = iter(torch.autograd.grad(outs, live, grads, create_graph=True, allow_unused=True))
-    return (*(next(got) if t is not None and t.requires_grad else None for t in inputs), None, None)
+    return (*reference_vjp(lambda *t: mlp_chunk_step(*t, activation, grad_clip), inputs, grads), None, None)
 
 
 def mlp_chunk_step_hand_grad(*args):

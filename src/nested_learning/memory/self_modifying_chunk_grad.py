@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.delta_rule_one_chunk_grad import one_chunk_backward, one_chunk_forward
+from ..ops.reference_vjp import reference_vjp
 from ..ops.threads import one_thread_if_threads_sleep
 from .neural_memory_chunk_grad import activation_derivatives
 from .self_modifying_memories import bound_targets, fused_chunk_step
@@ -225,11 +226,11 @@ def _pack(tensors, objective, value_norm, bounded_targets, initial):
 
 def _reference_backward(ctx, tensors, grads):
     """The step's vector-Jacobian product by autograd through ``fused_chunk_step`` (differentiable)."""
-    with torch.enable_grad():
-        live = [t for t in tensors if t.requires_grad]
-        y, R_new = _pack(tensors, ctx.objective, ctx.value_norm, ctx.bounded_targets, ctx.initial)
-        got = iter(torch.autograd.grad((y, *R_new), live, grads, create_graph=True, allow_unused=True))
-    return (None, None, None, None, *(next(got) if t.requires_grad else None for t in tensors))
+    def reference(*t):
+        y, R_new = _pack(t, ctx.objective, ctx.value_norm, ctx.bounded_targets, ctx.initial)
+        return (y, *R_new)
+
+    return (None, None, None, None, *reference_vjp(reference, tensors, grads))
 
 
 def fused_chunk_step_hand_grad(R_c, R, x, q, R_0, gate_bias, objective: str, value_norm: bool,

@@ -118,12 +118,9 @@ def to_chunks(x: torch.Tensor, C: int, chunk_major: bool = False) -> torch.Tenso
     return x.reshape(B * H, N, C, *x.shape[3:])
 
 
-def from_chunks(x: torch.Tensor, B: int, H: int, T: int, chunk_major: bool = False) -> torch.Tensor:
-    """(B*H, N, C, D) (or (N, B*H, C, D) with ``chunk_major``) -> (B, T, H, D), dropping the padding."""
+def from_chunks(x: torch.Tensor, B: int, H: int, T: int) -> torch.Tensor:
+    """(B*H, N, C, D) -> (B, T, H, D), dropping the padding."""
     D = x.shape[-1]
-    if chunk_major:
-        N, _, C = x.shape[:3]
-        return x.reshape(N, B, H, C, D).permute(1, 0, 3, 2, 4).reshape(B, N * C, H, D)[:, :T]
     return x.reshape(B, H, -1, D)[:, :, :T].movedim(1, 2)
 
 

@@ -25,6 +25,7 @@ import torch
 
 from ._common import scale_rows as _rows
 from .delta_rule_chunk import _chunk_group, chunk_group_parts, chunk_scan_state_grads
+from .reference_vjp import reference_vjp
 
 # chunk_group_parts' intermediates the backward reads (T_inv as X)
 _SAVED = ("k_write", "q_inter", "k_read", "ev", "k_tail", "P", "T_inv", "W1", "W2", "A", "R_all", "q_state")
@@ -61,12 +62,10 @@ class _ChunkGroup(torch.autograd.Function):
             ctx.saved_tensors
         )
         if torch.is_grad_enabled():  # create_graph: autograd through the reference keeps higher derivatives exact
-            inputs = (q, k, v, eta, g, g_prev, R)
-            with torch.enable_grad():
-                live = [x for x in inputs if x is not None and x.requires_grad]
-                outs = _chunk_group(*inputs, ctx.read, True)
-                got = iter(torch.autograd.grad(outs, live, (go, gR), create_graph=True, allow_unused=True))
-            return (*(next(got) if x is not None and x.requires_grad else None for x in inputs), None)
+            def reference(*x):
+                return _chunk_group(*x, ctx.read, True)
+
+            return (*reference_vjp(reference, (q, k, v, eta, g, g_prev, R), (go, gR)), None)
         a, c, t, r, gamma_prev, gamma_C = _scales(eta, g, g_prev, ctx.read)
         n = q.shape[0]
         Rj = R_all[:n]  # the state entering each chunk: (n, BH, Dk, Dv)
