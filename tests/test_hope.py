@@ -49,6 +49,64 @@ def test_streaming_at_any_split_equals_one_shot(cls):
             assert all(torch.allclose(wa, wb, rtol=0, atol=1e-9) for wa, wb in zip(a.weights, b.weights))
 
 
+def segment_by_segment_grads(model, x, y, size):
+    """Parameter gradients of the summed NLL with the stream fed one segment per call (the state's graph kept),
+    and the state after the last whole segment."""
+    state, total, whole = None, 0.0, None
+    for a in range(0, x.shape[1], size):
+        out = model(x[:, a : a + size], state=state, labels=y[:, a : a + size])
+        total = total + out.loss * (y[:, a : a + size] != -100).sum()
+        state = out.state
+        whole = state if a + size <= x.shape[1] else whole
+    total.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads, whole
+
+
+def assert_one_call_equals_segment_calls(model, x, y, size, atol):
+    out = model(x, labels=y)
+    (out.loss * (y != -100).sum()).backward()
+    one = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    by_segment, state = segment_by_segment_grads(model, x, y, size)
+    assert one.keys() == by_segment.keys() and len(one) > 4
+    for n, g in one.items():
+        torch.testing.assert_close(g, by_segment[n], rtol=0, atol=atol, msg=n)
+    # the call's state is taken at its last segment boundary, before the pending tokens
+    flat = {n: t for n, t in out.state.flatten().items() if n.startswith(("mixers", "cms"))}
+    flat_by_segment = {n: t for n, t in state.flatten().items() if n.startswith(("mixers", "cms"))}
+    assert flat.keys() == flat_by_segment.keys() and any(n.startswith("mixers.0") for n in flat)
+    for n, t in flat.items():
+        torch.testing.assert_close(t, flat_by_segment[n], rtol=0, atol=atol, msg=n)
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_one_training_call_equals_segment_sized_calls_gradients_included(cls):
+    """Training on a stream in one call or in segment-sized calls (the state's graph carried between them) is the
+    same computation: loss, every parameter's gradient and the state agree."""
+    m = tiny(cls).train()
+    x, y = torch.randint(0, V, (2, 26)), torch.randint(0, V, (2, 26))  # ends inside a segment
+    y[1, 5] = -100
+    assert_one_call_equals_segment_calls(m, x, y, CHUNKS[0], atol=1e-10)
+
+
+def test_a_hopeified_model_trains_the_same_in_one_call_as_in_segment_sized_calls():
+    """The same for a Hope-ified pretrained model whose first blocks keep their plain MLP."""
+    transformers = pytest.importorskip("transformers")
+    from nested_learning.models import hopeify
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True,
+    )
+    m = hopeify(transformers.LlamaForCausalLM(cfg), layers=(2,), chunk_sizes=(4, 8), inner_lr=0.5, window=10)
+    m = m.double().train()
+    x, y = torch.randint(0, V, (2, 22)), torch.randint(0, V, (2, 22))
+    assert_one_call_equals_segment_calls(m, x, y, 4, atol=1e-10)
+
+
 @pytest.mark.parametrize(
     "variant, objective", [("independent", "lm"), ("nested", "lm"), ("sequential", "next_input")]
 )
