@@ -1,6 +1,7 @@
 """This package beside other implementations: Titans' neural memory and HOPE, training tokens/s and same-run ratios.
 
     python benchmarks/bench_peers.py [--threads 2] [--rounds 3] [--quick] [--omp-wait passive|active]
+        [--allocator keep-freed|default]
         [--titans-python /tmp/peer-titans/bin/python] [--hope-python /tmp/peer-hope/bin/python]
     python benchmarks/bench_peers.py --flops [--threads 1]      # the two neural memories' FLOPs per token
 
@@ -15,7 +16,10 @@ all rounds is kept, so a busy period on a shared machine slows all of them alike
 
 Every worker runs under the same OpenMP wait policy, ``--omp-wait`` (default passive: idle threads sleep, the
 fair setting on a machine shared with other jobs; active: they spin, which suits many small ops, and is close to
-what an unset OMP_WAIT_POLICY gives). Run both: the ratio between the implementations depends on it.
+what an unset OMP_WAIT_POLICY gives). Run both: the ratio between the implementations depends on it. Every worker,
+the peers' included, also keeps freed memory in its heap as this package's trainer does
+(``training/cpu_memory.py``: no page faults on the large logits buffers of every step); ``--allocator default``
+leaves glibc's malloc as it is.
 
 1. Titans' neural memory, forward + backward of ``y.pow(2).mean()`` at T = 512, 2048, 8192:
    ours ``NeuralMemory(256, n_heads=4, chunk_size=64, expansion=4)`` (Eq 90 exact: each chunk's gradient at its
@@ -195,9 +199,25 @@ WORKERS = {
 }
 
 
-def run_worker(name: str, lengths: list[int], threads: int, reps: int, flops: bool = False) -> None:
+def keep_freed_memory() -> bool:
+    """This package's allocator setting (``training/cpu_memory.py``), loaded from its file so that a peer's
+    interpreter, which must not import this package, applies the same one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_cpu_memory", ROOT / "src" / "nested_learning" / "training" / "cpu_memory.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.keep_freed_cpu_memory()
+
+
+def run_worker(name: str, lengths: list[int], threads: int, reps: int, flops: bool = False,
+               keep_freed: bool = True) -> None:
     """Prints the fastest time of a step per length, or with ``flops`` its FLOPs per token (every matmul-class op,
     forward and backward, as ``torch.utils.flop_counter`` counts them)."""
+    if keep_freed:
+        keep_freed_memory()
     import torch
 
     torch.set_num_threads(threads)
@@ -219,14 +239,14 @@ def run_worker(name: str, lengths: list[int], threads: int, reps: int, flops: bo
 
 # ------------------------------------------------------------------------------------------------ driver
 def call(python: str, name: str, lengths, threads: int, reps: int, env_src: bool, omp_wait: str,
-         flops: bool = False) -> dict | None:
+         flops: bool = False, allocator: str = "keep-freed") -> dict | None:
     env = dict(os.environ, OMP_WAIT_POLICY=omp_wait.upper())
     if env_src:
         env["PYTHONPATH"] = str(ROOT / "src")
     else:  # a peer venv must not see this package (the community HOPE has the same import name)
         env.pop("PYTHONPATH", None)
     cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--threads", str(threads), "--reps", str(reps),
-           "--lengths", *map(str, lengths), *(["--flops"] if flops else [])]
+           "--lengths", *map(str, lengths), "--allocator", allocator, *(["--flops"] if flops else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/tmp")
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -270,13 +290,15 @@ def main() -> int:
     p.add_argument("--hope-python", default="/tmp/peer-hope/bin/python")
     p.add_argument("--omp-wait", choices=("passive", "active"), default="passive",
                    help="OpenMP wait policy of every worker (see the module docstring)")
+    p.add_argument("--allocator", choices=("keep-freed", "default"), default="keep-freed",
+                   help="keep freed memory in every worker's heap, as this package's trainer does, or not")
     p.add_argument("--flops", action="store_true",
                    help="count the neural memories' FLOPs per token instead of timing (see print_flops)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--lengths", type=int, nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        run_worker(args.worker, args.lengths, args.threads, args.reps, args.flops)
+        run_worker(args.worker, args.lengths, args.threads, args.reps, args.flops, args.allocator == "keep-freed")
         return 0
     if args.flops:
         return print_flops(args)
@@ -300,7 +322,7 @@ def main() -> int:
     best: dict[str, dict] = {}
     for r in range(rounds):
         for name, (python, lengths, src) in jobs.items():
-            res = call(python, name, lengths, args.threads, args.reps, src, args.omp_wait)
+            res = call(python, name, lengths, args.threads, args.reps, src, args.omp_wait, allocator=args.allocator)
             if res is None:
                 continue
             prev = best.setdefault(name, {})
@@ -318,8 +340,8 @@ def main() -> int:
     def ratio(a, b):
         return None if a is None or b is None else a / b
 
-    print(f"\nbatch 1, fp32, {args.threads} threads, OMP_WAIT_POLICY={args.omp_wait.upper()}, fastest of {rounds} "
-          f"rounds x {args.reps} runs, load average {os.getloadavg()[0]:.1f}")
+    print(f"\nbatch 1, fp32, {args.threads} threads, OMP_WAIT_POLICY={args.omp_wait.upper()}, allocator "
+          f"{args.allocator}, fastest of {rounds} rounds x {args.reps} runs, load average {os.getloadavg()[0]:.1f}")
     print("\nTitans neural memory, forward+backward tokens/s")
     print(f"{'T':>6} {'ours (Eq 90)':>12} {'compiled':>10} {'call start':>10} {'titans-pytorch':>14}"
           f" {'Eq 90 / titans':>14} {'compiled / titans':>17} {'call start / titans':>19}")
