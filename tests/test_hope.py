@@ -300,3 +300,40 @@ def test_hope_block_runs_titans_then_the_cms_on_its_output():
     torch.testing.assert_close(logits, _hope_by_hand(model, ids), rtol=1e-10, atol=1e-10)
     for wrong in ("cms_then_titans", "parallel"):
         assert (logits - _hope_by_hand(model, ids, wrong)).abs().max() > 1e-3, wrong
+
+
+def test_the_inner_gradients_skip_the_titans_memory_gradients_and_change_nothing(monkeypatch):
+    """The levels' inner gradient runs back through layer 1's Titans chunk steps with their memory gradients
+    skipped (``inputs_only_gradients``); the inner steps, logits, loss and every parameter gradient are those of the
+    full backward."""
+    import contextlib
+
+    from nested_learning.memory import self_modifying_chunk_grad as cg
+    from nested_learning.models import cms_lm
+
+    x, y = torch.randint(0, V, (2, 26)), torch.randint(0, V, (2, 26))
+    runs, modes = {}, []
+    backward = cg._FusedChunkStep._backward
+
+    def recording(ctx, *grads):
+        modes.append(cg._INPUTS_ONLY.on)
+        return backward(ctx, *grads)
+
+    monkeypatch.setattr(cg._FusedChunkStep, "_backward", staticmethod(recording))
+    for skip in (True, False):
+        if not skip:
+            monkeypatch.setattr(cms_lm, "inputs_only_gradients", contextlib.nullcontext)
+        m = tiny(HOPE).train()
+        out = m(x, labels=y)
+        out.loss.backward()
+        runs[skip] = (out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+        if skip:
+            assert any(modes) and not all(modes)  # the inner passes skip, the outer backward does not
+    (a, ga), (b, gb) = runs[True], runs[False]
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+    for sa, sb in zip(a.state.cms, b.state.cms):
+        for wa, wb in zip(sa.weights, sb.weights):
+            torch.testing.assert_close(wa, wb, rtol=0, atol=0)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=0, atol=1e-13, msg=n)

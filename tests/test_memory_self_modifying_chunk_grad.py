@@ -170,3 +170,28 @@ def test_layer_with_hand_backward_equals_default_layer(monkeypatch):
     assert all(b.mixer.hand_backward and b.mixer.memories.bounded_targets for b in model.blocks)
     model = build_model("hope", "tiny", vocab_size=64, titans_hand_backward=False, titans_bounded_targets=False)
     assert not any(b.mixer.hand_backward or b.mixer.memories.bounded_targets for b in model.blocks)
+
+
+@pytest.mark.parametrize("initial", [True, False])
+@pytest.mark.parametrize("same", [True, False])
+def test_inputs_only_gradients_give_x_and_q_theirs_and_nothing_else(initial, same):
+    """Inside ``inputs_only_gradients`` the backward returns x's and q's gradients as outside it and None for the
+    memories and gate biases; a new state off the backward's path counts as a zero gradient."""
+    args, leaves = _inputs(initial, same)
+    x, q = args[2], args[3]
+    y, R = cg.fused_chunk_step_hand_grad(*args, "l2", True, True)
+    w = torch.randn_like(y)
+    full = torch.autograd.grad((y * w).sum(), leaves, retain_graph=True, allow_unused=True)
+    with cg.inputs_only_gradients():
+        got = torch.autograd.grad((y * w).sum(), leaves, retain_graph=True, allow_unused=True)
+        assert cg._INPUTS_ONLY.on
+    assert not cg._INPUTS_ONLY.on
+    for leaf, a, b in zip(leaves, got, full):
+        if leaf is x or leaf is q:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        else:
+            assert a is None and b is not None
+    ref = torch.autograd.grad((y * w).sum() + sum((r * 0).sum() for r in R), [x, q])
+    at = {id(leaf): i for i, leaf in enumerate(leaves)}
+    torch.testing.assert_close(full[at[id(x)]], ref[0], rtol=0, atol=1e-14)
+    torch.testing.assert_close(full[at[id(q)]], ref[1], rtol=0, atol=1e-14)

@@ -61,3 +61,25 @@ def test_retention_below_the_floor_passes_no_gradient_to_alpha():
     _, R, saved = one_chunk_forward(k, v, eta, alpha, R0, q)
     g_alpha = one_chunk_backward(saved, torch.randn_like(R), None)[3]
     assert (g_alpha[:, 2] == 0).all() and (g_alpha[:, 3] != 0).all()
+
+
+@pytest.mark.parametrize("name", ["single", "shared key", "own keys", "gates"])
+def test_no_state_gradient_and_no_initial_state_gradient_skip_only_their_terms(name):
+    """gR=None is a zero gradient of the new state; want_R0=False leaves out R0's gradient and nothing else."""
+    k, v, eta, alpha, R0, q, read_from = _case(name)
+    o, R, saved = one_chunk_forward(k, v, eta, alpha, R0, q, read_from)
+    go = None if o is None else torch.randn_like(o)
+    full = one_chunk_backward(saved, torch.zeros_like(R), go)
+    for want_R0 in (True, False):
+        got = one_chunk_backward(saved, None, go, want_R0=want_R0)
+        assert (got[4] is None) == (not want_R0)
+        for i, (a, b) in enumerate(zip(got, full)):
+            if a is not None and b is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-14, msg=str(i))
+    gR = torch.randn_like(R)
+    with_gR = one_chunk_backward(saved, gR, go)
+    without_R0 = one_chunk_backward(saved, gR, go, want_R0=False)
+    assert without_R0[4] is None
+    for i in (0, 1, 2, 3, 5):
+        if with_gR[i] is not None:
+            torch.testing.assert_close(without_R0[i], with_gR[i], rtol=0, atol=0, msg=str(i))

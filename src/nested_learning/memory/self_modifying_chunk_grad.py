@@ -19,6 +19,9 @@ layers) on the running state R.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +32,25 @@ from .neural_memory_chunk_grad import activation_derivatives
 from .self_modifying_memories import bound_targets, fused_chunk_step
 
 _EPS = 1e-12  # F.normalize's
+_INPUTS_ONLY = threading.local()
+_INPUTS_ONLY.on = False
+
+
+@contextlib.contextmanager
+def inputs_only_gradients():
+    """Within it, the step's hand-written backward gives gradients for the chunk's inputs x and q only, None for the
+    memories (chunk-start, running, initial) and the gate biases, and skips their products.
+
+    For a backward pass that cannot reach any memory state it passes through: a CMS language model's inner gradient,
+    ``autograd.grad`` from a segment's logits to that segment's CMS activations, runs back through the later layers'
+    Titans chunk steps, whose memory states were all made by earlier segments. The outer backward, which needs them,
+    runs outside it. Thread-local; no effect on the reference (create_graph) backward."""
+    before = _INPUTS_ONLY.on
+    _INPUTS_ONLY.on = True
+    try:
+        yield
+    finally:
+        _INPUTS_ONLY.on = before
 
 
 def _normalize_backward(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -50,6 +72,8 @@ class _FusedChunkStep(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, objective, value_norm, bounded_targets, initial, *tensors):
+        ctx.set_materialize_grads(False)  # an output off the backward's path (a new state) gets no zeros to multiply
+        ctx.device = tensors[0].device
         R2c, R1c, RGc, R2, R1, RG, x, q = tensors[:8]
         R2_0, R1_0, RG_0 = tensors[8:11] if initial else (None, None, None)
         gate_bias = tensors[-1]
@@ -105,7 +129,7 @@ class _FusedChunkStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        with one_thread_if_threads_sleep(grads[0].device):
+        with one_thread_if_threads_sleep(ctx.device):
             return _FusedChunkStep._backward(ctx, *grads)
 
     @staticmethod
@@ -113,9 +137,13 @@ class _FusedChunkStep(torch.autograd.Function):
         saved = ctx.saved_tensors
         m = ctx.n_tensors
         tensors, initial = saved[:m], ctx.initial
-        if torch.is_grad_enabled():  # create_graph: autograd through the reference keeps higher derivatives exact
-            return _reference_backward(ctx, tensors, (gy, gR2n, gR1n, gRGn))
         R2c, R1c, RGc, R2, R1, RG, x, q = tensors[:8]
+        if torch.is_grad_enabled():  # create_graph: autograd through the reference keeps higher derivatives exact
+            shapes = (q, R2, R1, RG)  # of y and the new states
+            grads = [torch.zeros_like(t) if g is None else g for g, t in zip((gy, gR2n, gR1n, gRGn), shapes)]
+            return _reference_backward(ctx, tensors, tuple(grads))
+        gy = torch.zeros_like(q) if gy is None else gy
+        states = not _INPUTS_ONLY.on  # else only x's and q's gradients (see inputs_only_gradients)
         R2_0, R1_0, RG_0 = tensors[8:11] if initial else (None, None, None)
         (zx, hx, px, k, v, eta, alpha, u, z, h, e_main, e_gate, back, delta2, o2, hq, hk_sq, step, main_v, v_main,
          v_gate) = saved[m:]
@@ -126,14 +154,15 @@ class _FusedChunkStep(torch.autograd.Function):
         g_q = gy
         g_o1 = gy
         g_R2_0 = g_R1_0 = g_RG_0 = None
-        if initial:  # R*n = R*n' + R*_0, o1 = o1' + hq R1_0[2]
-            g_R2_0, g_R1_0, g_RG_0 = gR2n.clone(), gR1n.clone(), gRGn.clone()
+        if initial and states:  # R*n = R*n' + R*_0, o1 = o1' + hq R1_0[2]
+            g_R2_0, g_R1_0, g_RG_0 = (g.clone() if g is not None else torch.zeros_like(r)
+                                      for g, r in ((gR2n, R2_0), (gR1n, R1_0), (gRGn, RG_0)))
             g_R1_0[2] += hq.mT @ g_o1
         g_hq = g_o1 @ R1_0[2].mT if initial else torch.zeros_like(hq)
 
         # the W1 gate layers and the W1 main layers (DGD with the Sherman-Morrison step, read by hq)
-        gk_G, gv_G, gstep_G, galpha, gR_G, _ = one_chunk_backward(sG, gRGn, None)
-        gk_1, gv_1, gstep_1, galpha_1, gR_1, gq_1 = one_chunk_backward(s1, gR1n, g_o1)
+        gk_G, gv_G, gstep_G, galpha, gR_G, _ = one_chunk_backward(sG, gRGn, None, want_R0=states)
+        gk_1, gv_1, gstep_1, galpha_1, gR_1, gq_1 = one_chunk_backward(s1, gR1n, g_o1, want_R0=states)
         g_hk = torch.cat([gk_1, gk_G])
         g_err_main, g_err_gate = -gv_1, -gv_G
         g_step = torch.cat([gstep_1, gstep_G])
@@ -147,9 +176,10 @@ class _FusedChunkStep(torch.autograd.Function):
         g_o2 = _gelu_backward(g_hq, o2)
         if initial:
             g_q = g_q + g_o2 @ R2_0[2].mT
-            g_R2_0[2] += q.mT @ g_o2
+            if states:
+                g_R2_0[2] += q.mT @ g_o2
         # the W2 layers (DGD with the unit key k, read by q)
-        gk_2, gv_2, geta_2, galpha_2, gR_2, gq_2 = one_chunk_backward(s2, gR2n, g_o2)
+        gk_2, gv_2, geta_2, galpha_2, gR_2, gq_2 = one_chunk_backward(s2, gR2n, g_o2, want_R0=states)
         g_k = gk_2
         g_delta2 = -gv_2
         g_eta = g_eta + geta_2
@@ -157,14 +187,15 @@ class _FusedChunkStep(torch.autograd.Function):
         g_q = g_q + gq_2
         g_R2, g_R1, g_RG = gR_2, gR_1, gR_G
         if initial:  # R* - R*_0, delta2 + k R2_0, err + hk R*_0
-            g_R2_0 -= g_R2
-            g_R1_0 -= g_R1
-            g_RG_0 -= g_RG
             g_k = g_k + (g_delta2 @ R2_0.mT).sum(0)
-            g_R2_0 += k.mT @ g_delta2
             g_hk = g_hk + torch.cat([g_err_main @ R1_0.mT, g_err_gate @ RG_0.mT])
-            g_R1_0 += hk[:3].mT @ g_err_main
-            g_RG_0 += hk[3:].mT @ g_err_gate
+            if states:
+                g_R2_0 -= g_R2
+                g_R1_0 -= g_R1
+                g_RG_0 -= g_RG
+                g_R2_0 += k.mT @ g_delta2
+                g_R1_0 += hk[:3].mT @ g_err_main
+                g_RG_0 += hk[3:].mT @ g_err_gate
         g_e_main, g_e_gate = g_err_main, g_err_gate.squeeze(-1)
 
         # delta2 = gelu'(zk) back, back = [e_main R1c^T; e_gate RGc^T]
@@ -173,9 +204,7 @@ class _FusedChunkStep(torch.autograd.Function):
         g_back = d1 * g_delta2
         g_zk = activation_derivatives("gelu", zk, second=True) * back * g_delta2
         g_e_main = g_e_main + g_back[:3] @ R1c
-        g_R1c = g_back[:3].mT @ e_main
         g_e_gate = g_e_gate + (g_back[3:] @ RGc).squeeze(-1)
-        g_RGc = g_back[3:].mT @ e_gate.unsqueeze(-1)
 
         # errors from the five memories on u = [v; k]
         g_main = u.new_zeros(3, *u.shape)
@@ -189,29 +218,30 @@ class _FusedChunkStep(torch.autograd.Function):
         # main = u + h[:3] R1c, gate = h[3:] RGc, h = gelu(z), z = u R2c
         g_h = torch.cat([g_main @ R1c.mT, g_gate.unsqueeze(-1) @ RGc.mT])
         g_h[:, :, n:] += g_hk
-        g_R1c += h[:3].mT @ g_main
-        g_RGc += h[3:].mT @ g_gate.unsqueeze(-1)
         g_z = _gelu_backward(g_h, z)
         g_z[:, :, n:] += g_zk
         g_u = g_main.sum(0) + (g_z @ R2c.mT).sum(0)
-        g_R2c = u.mT @ g_z
         g_v, g_k = g_u[:, :n], g_k + g_u[:, n:]
 
         # eta = sigmoid(gx0 + b0), alpha = sigmoid(gx1 + b1); k = normalize(px0), v = normalize(px1) or px1
         g_gx = torch.stack([g_eta * eta * (1 - eta), galpha * alpha * (1 - alpha)])
-        g_gate_bias = g_gx.sum(-1).mT  # (M, 2)
         g_px = torch.stack([
             _normalize_backward(px[0], k, g_k),
             _normalize_backward(px[1], v, g_v) if ctx.value_norm else g_v,
         ])
         # px = x + hx[:3] R1c (the memory box's output on x is unused), gx = hx[3:] RGc, hx = gelu(zx), zx = x R2c
         g_hx = torch.cat([g_px @ R1c[:2].mT, torch.zeros_like(hx[2:3]), g_gx.unsqueeze(-1) @ RGc.mT])
-        g_R1c[:2] += hx[:2].mT @ g_px
-        g_RGc += hx[3:].mT @ g_gx.unsqueeze(-1)
         g_zx = _gelu_backward(g_hx, zx)
         g_x = g_px.sum(0) + (g_zx @ R2c.mT).sum(0)
-        g_R2c += x.mT @ g_zx
+        if not states:
+            return (None, None, None, None, *[None] * 6, g_x, g_q, *[None] * (m - 8))
 
+        # the chunk-start memories R_c: every product above that read them
+        g_R1c = g_back[:3].mT @ e_main + h[:3].mT @ g_main
+        g_R1c[:2] += hx[:2].mT @ g_px
+        g_RGc = g_back[3:].mT @ e_gate.unsqueeze(-1) + h[3:].mT @ g_gate.unsqueeze(-1) + hx[3:].mT @ g_gx.unsqueeze(-1)
+        g_R2c = u.mT @ g_z + x.mT @ g_zx
+        g_gate_bias = g_gx.sum(-1).mT  # (M, 2)
         out = [g_R2c, g_R1c, g_RGc, g_R2, g_R1, g_RG, g_x, g_q]
         if initial:
             out += [g_R2_0, g_R1_0, g_RG_0]

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nested_learning.memory.cms import ContinuumMemorySystem, segment_bounds
+from nested_learning.memory.self_modifying_chunk_grad import inputs_only_gradients
 from nested_learning.memory.state import LayerState
 from nested_learning.models.base import LanguageModel, ModelOutput, check_input_ids, check_labels
 from nested_learning.models.layers import RMSNorm
@@ -220,7 +221,10 @@ class CMSLanguageModel(LanguageModel):
                 dh = (probs.to(W.dtype) @ W).transpose(0, 1)
             dh = F.pad(dh - F.embedding(ids[:, 1:], W), (0, 0, 0, 1))  # (softmax - onehot(x_{t+1})) W
         factors = [t for cache in caches for c in cache for t in c.factors]
-        g = torch.autograd.grad(h, factors, dh, retain_graph=outer, create_graph=meta, materialize_grads=True)
+        # every memory state of a later layer's Titans chunk steps was made by earlier segments, out of this pass's
+        # reach: their hand-written backward skips those gradients
+        with inputs_only_gradients():
+            g = torch.autograd.grad(h, factors, dh, retain_graph=outer, create_graph=meta, materialize_grads=True)
         out, i = [], 0
         with torch.set_grad_enabled(meta):
             for block, cache in zip(self.blocks, caches):

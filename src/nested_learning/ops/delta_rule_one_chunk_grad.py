@@ -76,18 +76,25 @@ def _add_picked(full: torch.Tensor, part: torch.Tensor, picked: bool, index) -> 
     return full
 
 
-def one_chunk_backward(s: dict, gR: torch.Tensor, go: torch.Tensor | None):
+def one_chunk_backward(s: dict, gR: torch.Tensor | None, go: torch.Tensor | None, want_R0: bool = True):
     """Gradients (k, v, eta, alpha, R0, q) of ``<gR, R_n> + <go, o>`` from ``one_chunk_forward``'s saved values;
     q's is None without a read. Every term is summed to its tensor's shape before it is added (a broadcast term
-    must not be counted once per copy)."""
+    must not be counted once per copy). ``gR=None``: R_n's gradient is zero (its terms are skipped);
+    ``want_R0=False``: R0's gradient is not computed (None)."""
     k, v, eta, alpha, R0, U = s["k"], s["v"], s["eta"], s["alpha"], s["R0"], s["U"]
     decay, T_inv, gamma_prev, tail, end = s["decay"], s["T_inv"], s["gamma_prev"], s["tail"], s["end"]
 
     # R_n = end R0 + k_tail^T U
-    g_R0 = _sum_to(end * gR, R0.shape)
-    g_end = _sum_to((gR * R0).sum((-2, -1), keepdim=True), end.shape)
-    g_k_tail = _sum_to(U @ gR.mT, k.shape)
-    g_U = _sum_to(s["k_tail"] @ gR, U.shape)
+    g_R0 = g_end = g_k_tail = None
+    if gR is None:
+        g_U = torch.zeros_like(U)
+    else:
+        g_R0 = _sum_to(end * gR, R0.shape) if want_R0 else None
+        g_end = _sum_to((gR * R0).sum((-2, -1), keepdim=True), end.shape)
+        g_k_tail = _sum_to(U @ gR.mT, k.shape)
+        g_U = _sum_to(s["k_tail"] @ gR, U.shape)
+    if want_R0 and g_R0 is None:
+        g_R0 = torch.zeros_like(R0)
     g_decay = torch.zeros_like(decay)
     g_gamma_prev = torch.zeros_like(gamma_prev)
     g_k = torch.zeros_like(k)
@@ -96,7 +103,8 @@ def one_chunk_backward(s: dict, gR: torch.Tensor, go: torch.Tensor | None):
         q, picked, idx = s["q"], s["picked"], s["read_from"]
         g_qR0 = s["gamma_prev_r"].unsqueeze(-1) * go
         g_q = g_qR0 @ s["R0_r"].mT
-        g_R0 = _add_picked(g_R0, q.mT @ g_qR0, picked["R0"], idx)
+        if want_R0:
+            g_R0 = _add_picked(g_R0, q.mT @ g_qR0, picked["R0"], idx)
         g_gamma_prev = _add_picked(g_gamma_prev, (go * s["qR0"]).sum(-1), picked["gamma_prev"], idx)
         g_P = go @ s["U_r"].mT
         g_U = _add_picked(g_U, s["P"].mT @ go, picked["U"], idx)
@@ -107,7 +115,8 @@ def one_chunk_backward(s: dict, gR: torch.Tensor, go: torch.Tensor | None):
 
     # U = T_inv (eta v) - W2 R0,  W2 = T_inv k_write
     W2, ev, k_write = s["W2"], s["ev"], s["k_write"]
-    g_R0 = g_R0 - _sum_to(W2.mT @ g_U, R0.shape)
+    if want_R0:
+        g_R0 = g_R0 - _sum_to(W2.mT @ g_U, R0.shape)
     g_W2 = _sum_to(-(g_U @ R0.mT), W2.shape)
     g_T = _sum_to(g_U @ ev.mT, T_inv.shape) + _sum_to(g_W2 @ k_write.mT, T_inv.shape)
     g_ev = _sum_to(T_inv.mT @ g_U, ev.shape)
@@ -124,20 +133,24 @@ def one_chunk_backward(s: dict, gR: torch.Tensor, go: torch.Tensor | None):
     # k_write = (eta gamma') k, ev = eta v, k_tail = tail k
     t = (g_k_write * k).sum(-1)
     g_k = g_k + _sum_to(s["write_scale"].unsqueeze(-1) * g_k_write, k.shape)
-    g_k = g_k + _sum_to(tail.unsqueeze(-1) * g_k_tail, k.shape)
+    if g_k_tail is not None:
+        g_k = g_k + _sum_to(tail.unsqueeze(-1) * g_k_tail, k.shape)
     g_eta = g_eta + _sum_to(t * gamma_prev, eta.shape) + _sum_to((g_ev * v).sum(-1), eta.shape)
     g_gamma_prev = g_gamma_prev + _sum_to(t * eta, gamma_prev.shape)
     g_v = _sum_to(eta.unsqueeze(-1) * g_ev, v.shape)
-    g_tail = _sum_to((g_k_tail * k).sum(-1), tail.shape)
+    g_tail = None if g_k_tail is None else _sum_to((g_k_tail * k).sum(-1), tail.shape)
 
     # log decays: tail = exp(g_n - g), end = exp(g_n), gamma' = exp(g'), decay = exp(g'_t - g_i), g' = g - log alpha
     # (tail, end, gamma' and decay all have the shape of g)
-    g_x = g_tail * tail  # d/d(g_n - g)
-    g_gn = g_x.sum(-1, keepdim=True) + (g_end * end).squeeze(-1)
     gd = g_decay * decay
     g_gp = g_gamma_prev * gamma_prev + gd.sum(-1)
-    g_g = g_gp - g_x - gd.sum(-2)
-    g_g = torch.cat([g_g[..., :-1], g_g[..., -1:] + g_gn], dim=-1)
+    if gR is None:
+        g_g = g_gp - gd.sum(-2)
+    else:  # and R_n's decays
+        g_x = g_tail * tail  # d/d(g_n - g)
+        g_gn = g_x.sum(-1, keepdim=True) + (g_end * end).squeeze(-1)
+        g_g = g_gp - g_x - gd.sum(-2)
+        g_g = torch.cat([g_g[..., :-1], g_g[..., -1:] + g_gn], dim=-1)
     g_log_alpha = g_g.flip(-1).cumsum(-1).flip(-1) - g_gp  # g = cumsum(log alpha)
     floor = ALPHA_FLOOR[alpha.dtype]
     g_alpha = _sum_to(g_log_alpha / alpha.clamp_min(floor) * (alpha >= floor).to(alpha.dtype), alpha.shape)
