@@ -44,7 +44,9 @@ def inputs_only_gradients():
     For a backward pass that cannot reach any memory state it passes through: a CMS language model's inner gradient,
     ``autograd.grad`` from a segment's logits to that segment's CMS activations, runs back through the later layers'
     Titans chunk steps, whose memory states were all made by earlier segments. The outer backward, which needs them,
-    runs outside it. Thread-local; no effect on the reference (create_graph) backward."""
+    runs outside it. Thread-local: autograd runs a CPU backward on the calling thread, where it applies; a GPU
+    backward runs on autograd's device threads, which keep computing every gradient (the same result, no saving). No
+    effect on the reference (create_graph) backward."""
     before = _INPUTS_ONLY.on
     _INPUTS_ONLY.on = True
     try:
