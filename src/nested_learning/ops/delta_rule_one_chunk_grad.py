@@ -85,16 +85,15 @@ def one_chunk_backward(s: dict, gR: torch.Tensor | None, go: torch.Tensor | None
     decay, T_inv, gamma_prev, tail, end = s["decay"], s["T_inv"], s["gamma_prev"], s["tail"], s["end"]
 
     # R_n = end R0 + k_tail^T U
-    g_R0 = g_end = g_k_tail = None
     if gR is None:
+        g_R0 = torch.zeros_like(R0) if want_R0 else None
+        g_end = g_k_tail = None
         g_U = torch.zeros_like(U)
     else:
         g_R0 = _sum_to(end * gR, R0.shape) if want_R0 else None
         g_end = _sum_to((gR * R0).sum((-2, -1), keepdim=True), end.shape)
         g_k_tail = _sum_to(U @ gR.mT, k.shape)
         g_U = _sum_to(s["k_tail"] @ gR, U.shape)
-    if want_R0 and g_R0 is None:
-        g_R0 = torch.zeros_like(R0)
     g_decay = torch.zeros_like(decay)
     g_gamma_prev = torch.zeros_like(gamma_prev)
     g_k = torch.zeros_like(k)
