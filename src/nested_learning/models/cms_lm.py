@@ -51,6 +51,7 @@ from nested_learning.models.base import LanguageModel, ModelOutput, check_input_
 from nested_learning.models.layers import RMSNorm
 from nested_learning.models.state_checks import check_cms_lm_call
 from nested_learning.models.tied_head import SegmentedHead
+from nested_learning.ops.threads import one_thread_if_threads_sleep
 
 OBJECTIVES = ("lm", "next_input")
 
@@ -267,33 +268,35 @@ class CMSLanguageModel(LanguageModel):
         x_all = self.embed(ids)
         head = SegmentedHead(ids.shape, W, direct, keep_probs=direct and outer and labels is not None)
         mixers, cms, start, position = list(state.mixers), list(state.cms), 0, state.position
-        for a, b in segment_bounds(ids.shape[1], C, split=learn):
-            ends_on_boundary = b % C == 0
-            inner = learn and ends_on_boundary and b - a > 1
-            with torch.set_grad_enabled(outer or inner), kernel():
-                x = x_all[:, a:b]
-                if inner and not x.requires_grad:  # e.g. frozen parameters: the inner gradient needs a graph
-                    x = x.detach().requires_grad_()
-                h, new_mixers, caches = self._segment(x, mixers, cms)
-                probs = head.segment(h, Wt, a, b, need_probs=inner)
-                grads = None
-                if inner:
-                    Wi = W if meta else W.detach()
-                    grads = self._inner_grads(
-                        probs, ids[:, a:b], h, Wi, caches, cms, outer, meta, head.probs_W_block(a, b - 1)
-                    )
-            if not outer:
-                new_mixers = [m.detach() for m in new_mixers]
-            if ends_on_boundary:  # the state here is the new snapshot; levels whose chunk ends here take their step
-                end = state.position + b
-                if learn:
-                    cms = [
-                        blk.cms.step(cs, g, end) if blk.cms is not None else None
-                        for blk, cs, g in zip(self.blocks, cms, grads or [None] * len(cms))
-                    ]
-                else:
-                    cms = [dataclasses.replace(cs, position=end) if cs is not None else None for cs in cms]
-                mixers, start, position = new_mixers, b, end
+        # segment after segment of small ops: on one thread when idle threads sleep (the head takes them back)
+        with one_thread_if_threads_sleep(ids.device):
+            for a, b in segment_bounds(ids.shape[1], C, split=learn):
+                ends_on_boundary = b % C == 0
+                inner = learn and ends_on_boundary and b - a > 1
+                with torch.set_grad_enabled(outer or inner), kernel():
+                    x = x_all[:, a:b]
+                    if inner and not x.requires_grad:  # e.g. frozen parameters: the inner gradient needs a graph
+                        x = x.detach().requires_grad_()
+                    h, new_mixers, caches = self._segment(x, mixers, cms)
+                    probs = head.segment(h, Wt, a, b, need_probs=inner)
+                    grads = None
+                    if inner:
+                        Wi = W if meta else W.detach()
+                        grads = self._inner_grads(
+                            probs, ids[:, a:b], h, Wi, caches, cms, outer, meta, head.probs_W_block(a, b - 1)
+                        )
+                if not outer:
+                    new_mixers = [m.detach() for m in new_mixers]
+                if ends_on_boundary:  # the state here is the new snapshot; levels whose chunk ends here take their step
+                    end = state.position + b
+                    if learn:
+                        cms = [
+                            blk.cms.step(cs, g, end) if blk.cms is not None else None
+                            for blk, cs, g in zip(self.blocks, cms, grads or [None] * len(cms))
+                        ]
+                    else:
+                        cms = [dataclasses.replace(cs, position=end) if cs is not None else None for cs in cms]
+                    mixers, start, position = new_mixers, b, end
         logits, loss = head.finish(P, labels)
         new_state = CMSLMState(mixers, cms, ids[:, start:], position)
         keep_graph = outer and (self.training or self.keep_state_graph)  # eval: the state leaves the graph

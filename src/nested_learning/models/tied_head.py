@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nested_learning.ops.threads import caller_threads
+
 
 def nll_sum(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """sum_t -log softmax(logits_t)[labels_t] over labels != -100; logits: (B, T, V), lse: (B, T)."""
@@ -124,6 +126,10 @@ class SegmentedHead:
         first b-a-1 positions when ``need_probs`` (for the inner gradient), else None. In direct mode that softmax
         is TIME-MAJOR, ``(b-a-1, B, V)``; in meta mode it is ``(B, b-a-1, V)`` with graph. With ``keep_probs``,
         ``probs_W_block(a, b - 1)`` then holds those positions' ``softmax @ W``."""
+        with caller_threads():  # products with the whole head: worth every thread inside a one-thread stretch
+            return self._segment(h, Wt, a, b, need_probs)
+
+    def _segment(self, h: torch.Tensor, Wt: torch.Tensor, a: int, b: int, need_probs: bool):
         if self.direct:
             logits = self.buffer[:, a:b]
             hd = h.detach().to(Wt.dtype)

@@ -1,11 +1,15 @@
-"""Thread policy for stretches of small dependent CPU ops (chunk recurrences, per-chunk steps)."""
+"""Thread policy for stretches of small dependent CPU ops (chunk recurrences, per-chunk steps, a CMS language
+model's segments): one thread when OpenMP's idle threads sleep, the caller's threads back for a large op inside."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import torch
+
+_CALLER = threading.local()  # the thread count a one-thread stretch replaced (None outside one)
 
 
 def threads_sleep_between_ops() -> bool:
@@ -35,8 +39,25 @@ def one_thread_if_threads_sleep(device: torch.device):
         yield
         return
     torch.set_num_threads(1)
+    before, _CALLER.n = getattr(_CALLER, "n", None), n
     try:
         yield
     finally:
+        _CALLER.n = before
         torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def caller_threads():
+    """Inside a stretch that ``one_thread_if_threads_sleep`` put on one thread: the caller's threads back, for an op
+    large enough to gain from them (e.g. a product with a whole LM head). Elsewhere it changes nothing."""
+    n = getattr(_CALLER, "n", None)
+    if n is None or torch.compiler.is_compiling():
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
 
