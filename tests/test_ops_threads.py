@@ -4,7 +4,7 @@ threads back for a large op inside, the count restored on the way out (errors in
 import pytest
 import torch
 
-from nested_learning.ops.threads import caller_threads, one_thread_if_threads_sleep
+from nested_learning.ops.threads import BackwardOnOneThread, caller_threads, one_thread_if_threads_sleep
 
 
 @pytest.fixture
@@ -67,3 +67,145 @@ def test_a_cms_language_model_runs_its_segments_on_one_thread_and_its_head_on_th
     monkeypatch.setattr(m.blocks[0].cms, "read", lambda *a: seen["read"].add(torch.get_num_threads()) or read(*a))
     m(torch.randint(0, 40, (1, 12)), labels=torch.randint(0, 40, (1, 12))).loss.backward()
     assert seen == {"head": {2}, "read": {1}} and torch.get_num_threads() == 2
+
+
+def test_a_cms_language_models_backward_runs_on_one_thread_and_its_heads_products_on_the_callers(
+    monkeypatch, two_threads
+):
+    from nested_learning.models import HOPE
+    from nested_learning.models.tied_head import TiedHead
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    seen = {"head": set(), "read": set()}
+    head_backward = TiedHead._backward
+
+    def recording_head_backward(*args):
+        seen["head"].add(torch.get_num_threads())
+        return head_backward(*args)
+
+    monkeypatch.setattr(TiedHead, "_backward", staticmethod(recording_head_backward))
+    torch.manual_seed(0)
+    m = HOPE(vocab_size=40, dim=16, n_layers=1, n_heads=2, chunk_sizes=(4, 8))
+    read = m.blocks[0].cms.read
+
+    def recording_read(*a):
+        y, cache = read(*a)
+        if y.requires_grad:
+            y.register_hook(lambda g: seen["read"].add(torch.get_num_threads()))
+        return y, cache
+
+    monkeypatch.setattr(m.blocks[0].cms, "read", recording_read)
+    ids = torch.randint(0, 40, (1, 12))
+    m(ids, labels=ids).loss.backward()
+    # the hook fires in the inner gradients' pass (the forward's segment loop) and in the outer backward
+    assert seen == {"head": {2}, "read": {1}} and torch.get_num_threads() == 2
+
+
+def _probe(t: torch.Tensor, seen: list, name: str) -> torch.Tensor:
+    t.register_hook(lambda g: seen.append((name, torch.get_num_threads())))
+    return t
+
+
+@pytest.mark.parametrize("policy", ["PASSIVE", "ACTIVE"])
+def test_a_backward_span_runs_on_one_thread_between_outputs_and_inputs(monkeypatch, two_threads, policy):
+    monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    one = 1 if policy == "PASSIVE" else 2
+    seen = []
+    x = torch.randn(3, 4, requires_grad=True)
+    below = _probe(x * 1.5, seen, "below")  # an op before the layer: back on the caller's threads
+    span = BackwardOnOneThread(below)
+    inside = _probe(span.input(below) * 2, seen, "inside")
+    y, total = span.outputs(inside, inside.sum())
+    if policy != "PASSIVE":
+        assert y is inside  # untouched
+    above = _probe(y * 1.0, seen, "above")  # an op after the layer: before the switch
+    inside.register_hook(lambda g: seen.append(("caller", _count_under_caller_threads())))
+    (total + above.sum()).backward(retain_graph=True)
+    assert seen == [("above", 2), ("inside", one), ("caller", 2), ("below", 2)] and torch.get_num_threads() == 2
+    assert torch.equal(x.grad, torch.full_like(x, 6.0))
+    seen.clear()
+    total.backward()  # a second pass through the same graph switches again; the end of the pass restores
+    assert seen == [("inside", one), ("caller", 2), ("below", 2)] and torch.get_num_threads() == 2
+
+
+def _count_under_caller_threads():
+    with caller_threads():
+        return torch.get_num_threads()
+
+
+def test_a_span_without_an_input_node_is_restored_when_the_pass_ends(monkeypatch, two_threads):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    seen = []
+    x = torch.randn(3, requires_grad=True)
+    span = BackwardOnOneThread(x)
+    (loss,) = span.outputs(_probe(x * 2, seen, "inside").sum())  # x not passed through span.input
+    loss.backward()
+    assert seen == [("inside", 1)] and torch.get_num_threads() == 2
+    with caller_threads():  # nothing left behind
+        assert torch.get_num_threads() == 2
+
+
+def test_a_span_inside_another_ones_stretch_changes_nothing(monkeypatch, two_threads):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    seen = []
+    x = torch.randn(3, requires_grad=True)
+    outer = BackwardOnOneThread(x)
+    inner = BackwardOnOneThread(x)
+    h = _probe(inner.output(inner.input(x) * 2), seen, "between")  # the inner span's input restores nothing
+    (loss,) = outer.outputs(_probe(h * 3, seen, "top").sum())
+    loss.backward()
+    assert seen == [("top", 1), ("between", 1)] and torch.get_num_threads() == 2
+
+
+def test_grad_free_and_one_thread_calls_pass_untouched(monkeypatch, two_threads):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    y = torch.randn(3)
+    assert BackwardOnOneThread(y).output(y) is y  # nothing to differentiate
+    with torch.no_grad():
+        x = torch.randn(3, requires_grad=True)
+        assert BackwardOnOneThread(x).output(x) is x
+    torch.set_num_threads(1)
+    x = torch.randn(3, requires_grad=True)
+    assert BackwardOnOneThread(x).output(x) is x
+    assert two_threads == [1]
+
+
+def test_a_failed_backward_leaves_one_thread_until_the_next_span_restores_it(monkeypatch, two_threads):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    x = torch.randn(3, requires_grad=True)
+    y = x * 2
+    y.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("inside the backward")))
+    (loss,) = BackwardOnOneThread(x).outputs(y.sum())
+    with pytest.raises(RuntimeError, match="inside the backward"):
+        loss.backward()
+    assert torch.get_num_threads() == 1  # the end-of-pass callback never ran
+    BackwardOnOneThread(x)  # the next layer or model call
+    assert torch.get_num_threads() == 2
+    with caller_threads():  # nothing left behind
+        assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("layer", ["cms", "self_modifying_titans"])
+def test_the_sequence_layers_run_their_loops_forward_and_backward_on_one_thread(monkeypatch, two_threads, layer):
+    from nested_learning.memory import ContinuumMemorySystem, SelfModifyingTitans
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    torch.manual_seed(0)
+    m = ContinuumMemorySystem(8, chunk_sizes=(2, 4)) if layer == "cms" else SelfModifyingTitans(8, n_heads=2, chunk_size=4)
+    seen = {"forward": set(), "backward": set()}
+    name = "read" if layer == "cms" else "_fused_step"  # called inside the loop, once per segment or chunk
+    inside_the_loop = getattr(m, name)
+
+    def recording(*a, **kw):
+        out = inside_the_loop(*a, **kw)
+        seen["forward"].add(torch.get_num_threads())
+        out[0].register_hook(lambda g: seen["backward"].add(torch.get_num_threads()))
+        return out
+
+    monkeypatch.setattr(m, name, recording)
+    x = torch.randn(1, 8, 8, requires_grad=True)
+    y, _ = m(x)
+    assert torch.get_num_threads() == 2
+    y.square().sum().backward()
+    assert seen == {"forward": {1}, "backward": {1}} and torch.get_num_threads() == 2
+    assert x.grad is not None and x.grad.abs().sum() > 0

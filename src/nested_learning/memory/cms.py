@@ -66,6 +66,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops._validation import check_int, check_layer_input
+from ..ops.threads import BackwardOnOneThread, one_thread_if_threads_sleep
 from .cms_levels import LEVEL_FORMS, LevelCache, gelu_grad, make_level_form
 from .cms_transfer import TRANSFERS, LevelTransfer, parse_transfer
 from .state import LayerState
@@ -317,6 +318,15 @@ class ContinuumMemorySystem(nn.Module):
             state = self.initial_state(
                 B, x.device, torch.float64 if x.dtype == torch.float64 else torch.float32
             )
+        # segment after segment of small ops, forward and backward: on one thread when idle threads sleep
+        span = BackwardOnOneThread(x)
+        x = span.input(x)
+        with one_thread_if_threads_sleep(x.device):
+            y, snap, start, xs = self._segments(x, state)
+        return span.output(y), dataclasses.replace(snap, pending=xs[:, start:])
+
+    def _segments(self, x: torch.Tensor, state: CMSState):
+        """The segment loop of :meth:`forward`: ``(y, state at the last boundary, its offset, the inputs run)``."""
         P = state.pending.shape[1]
         xs = torch.cat([state.pending.to(x.dtype), x], dim=1)  # re-run the unfinished segment from its start
         learn = self.test_time_updates
@@ -331,4 +341,4 @@ class ContinuumMemorySystem(nn.Module):
                 snap = self.step(snap, grads, end) if learn else dataclasses.replace(snap, position=end)
                 start = b
         y = torch.cat(outs, dim=1)[:, P:] if outs else x[:, :0]
-        return y, dataclasses.replace(snap, pending=xs[:, start:])
+        return y, snap, start, xs

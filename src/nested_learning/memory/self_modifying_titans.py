@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops._validation import check_int, check_layer_input
-from ..ops.threads import one_thread_if_threads_sleep
+from ..ops.threads import BackwardOnOneThread, one_thread_if_threads_sleep
 from .compiled_steps import compiled, warn_eager_fallback
 from .conv import ShortConv
 from .neural_memory import chunk_sizes
@@ -251,8 +251,10 @@ class SelfModifyingTitans(nn.Module):
 
     def forward(self, x: torch.Tensor, state: SelfModifyingTitansState | None = None):
         """x: (B, T, dim) -> y: (B, T, dim), new state."""
+        span = BackwardOnOneThread(x)  # the backward of the chunk loop's small ops: one thread too (see ops.threads)
+        x = span.input(x)
         o, state = self.read(x, state)
         y = rearrange(self.out_norm(o.to(x.dtype)), "b t h d -> b t (h d)")
         if self.to_gate is not None:
             y = y * F.silu(self.to_gate(x))
-        return self.to_out(y), state
+        return span.output(self.to_out(y)), state

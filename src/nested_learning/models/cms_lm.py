@@ -51,7 +51,7 @@ from nested_learning.models.base import LanguageModel, ModelOutput, check_input_
 from nested_learning.models.layers import RMSNorm
 from nested_learning.models.state_checks import check_cms_lm_call
 from nested_learning.models.tied_head import SegmentedHead
-from nested_learning.ops.threads import one_thread_if_threads_sleep
+from nested_learning.ops.threads import BackwardOnOneThread, one_thread_if_threads_sleep
 
 OBJECTIVES = ("lm", "next_input")
 
@@ -265,6 +265,8 @@ class CMSLanguageModel(LanguageModel):
         W = self.head.weight
         Wt = (W if meta else W.detach()).t().contiguous()  # (d, V): one copy per call, h @ Wt is a plain GEMM
         kernel = (lambda: sdpa_kernel([SDPBackend.MATH])) if meta else contextlib.nullcontext
+        # the backward is the segment loop's small ops in reverse: one thread too (restored when the pass ends)
+        backward_span = BackwardOnOneThread(W)
         x_all = self.embed(ids)
         head = SegmentedHead(ids.shape, W, direct, keep_probs=direct and outer and labels is not None)
         mixers, cms, start, position = list(state.mixers), list(state.cms), 0, state.position
@@ -298,6 +300,10 @@ class CMSLanguageModel(LanguageModel):
                         cms = [dataclasses.replace(cs, position=end) if cs is not None else None for cs in cms]
                     mixers, start, position = new_mixers, b, end
         logits, loss = head.finish(P, labels)
+        if loss is not None:
+            logits, loss = backward_span.outputs(logits, loss)
+        else:
+            logits = backward_span.output(logits)
         new_state = CMSLMState(mixers, cms, ids[:, start:], position)
         keep_graph = outer and (self.training or self.keep_state_graph)  # eval: the state leaves the graph
         return ModelOutput(logits, loss, new_state if keep_graph else new_state.detach())

@@ -63,6 +63,11 @@ class TiedHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logits, g_nll):
+        with caller_threads():  # products with the whole head, inside a backward pass that one_thread_backward ran
+            return TiedHead._backward(ctx, g_logits, g_nll)  # on one thread
+
+    @staticmethod
+    def _backward(ctx, g_logits, g_nll):
         h, W, logits, lse, labels = ctx.saved_tensors
         hd = h.detach().to(W.dtype)
         dh = dW = None

@@ -61,3 +61,91 @@ def caller_threads():
     finally:
         torch.set_num_threads(1)
 
+
+
+
+def _restore_backward_threads(owner=None) -> None:
+    """End a one-thread backward stretch: any (``owner=None``, the pass's end) or only the one ``owner`` began."""
+    current = getattr(_CALLER, "backward_owner", None)
+    if current is None or (owner is not None and current is not owner):
+        return
+    n = _CALLER.n
+    _CALLER.n = _CALLER.backward_owner = None
+    torch.set_num_threads(n)
+
+
+def restore_threads_after_failed_backward() -> None:
+    """Give back the caller's thread count if a backward pass that ``BackwardOnOneThread`` switched to one thread
+    ended in an error (its end-of-pass callback then never ran). Called by the layers and models on entry."""
+    _restore_backward_threads()
+
+
+class _Switch(torch.autograd.Function):
+    """Identity on a layer's outputs; its backward, the first of the layer's nodes the pass reaches, puts the pass on
+    one thread until the layer's inputs are reached or the pass ends."""
+
+    @staticmethod
+    def forward(ctx, owner, *tensors):
+        ctx.owner = owner
+        ctx.set_materialize_grads(False)  # an output the loss does not use (the logits) gets no zeros to multiply
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n = torch.get_num_threads()
+        if n > 1 and getattr(_CALLER, "n", None) is None:
+            torch.set_num_threads(1)
+            _CALLER.n, _CALLER.backward_owner = n, ctx.owner  # caller_threads() inside: every thread for a large op
+            torch.autograd.Variable._execution_engine.queue_callback(_restore_backward_threads)
+        return (None, *grads)
+
+
+class _Restore(torch.autograd.Function):
+    """Identity on a layer's input; its backward, the layer's last node, gives the caller's threads back."""
+
+    @staticmethod
+    def forward(ctx, owner, x):
+        ctx.owner = owner
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        _restore_backward_threads(ctx.owner)
+        return None, g
+
+
+class BackwardOnOneThread:
+    """When idle threads sleep, a CPU backward pass through a layer (or a model) runs on one thread between the
+    layer's outputs and its inputs:
+
+        span = BackwardOnOneThread(x)      # on entry; x = span.input(x)
+        ...
+        y, state = span.outputs(y), ...    # or span.outputs(logits, loss) -> a tuple
+
+    The backward of a segment-by-segment or chunk-by-chunk layer is its forward's stretch of small dependent ops in
+    reverse, run by the caller's ``loss.backward()``, out of reach of a context manager in the layer. The switch is
+    the first node the pass reaches at the layer's outputs; the node at its input, or autograd's end-of-pass
+    callback when the pass never gets there, restores the count, and ``caller_threads()`` inside gives a large op the
+    caller's threads. A span inside another one's stretch changes nothing. Under the conditions of
+    ``one_thread_if_threads_sleep``; elsewhere the tensors pass untouched."""
+
+    def __init__(self, x: torch.Tensor):
+        restore_threads_after_failed_backward()
+        self.on = (
+            torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and torch.get_num_threads() > 1
+            and threads_sleep_between_ops()
+            and not torch.compiler.is_compiling()
+        )
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        return _Restore.apply(self, x) if self.on and x.requires_grad else x
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        return self.outputs(y)[0]
+
+    def outputs(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.on or not any(t.requires_grad for t in tensors):
+            return tensors
+        return _Switch.apply(self, *tensors)
