@@ -5,7 +5,9 @@
 "chunk": each Eq 90 chunk through ``ops.delta_rule`` (the reference form); "fused": the box-major step with
 ``ops.delta_rule_one_chunk``, differentiated by autograd (``titans_hand_backward=False``); "fused-hand": the same step
 with its hand-written backward (the default); "compiled": the fused step under ``torch.compile`` (inductor; the first run of a
-machine compiles for minutes, later runs reuse the cache). HOPE tiny (dim 128, 2 layers, 4 heads) with a 32,000
+machine compiles for minutes, later runs reuse the cache), its backward derived by the compiler
+(``titans_hand_backward=False``); "compiled-hand": the hand-written forward and backward, each compiled without autograd
+(``titans_compile="inductor"`` with the default ``titans_hand_backward=True``). HOPE tiny (dim 128, 2 layers, 4 heads) with a 32,000
 vocabulary, batch 1, fp32, ``model(x, labels=x).loss.backward()`` with test-time memory writes, fastest of
 ``--rounds`` interleaved rounds.
 """
@@ -29,10 +31,11 @@ VOCAB = 32000
 
 def build(form: str):
     torch.manual_seed(0)
-    model = build_model("hope", "tiny", vocab_size=VOCAB, titans_hand_backward=form == "fused-hand")
+    hand = form in ("fused-hand", "compiled-hand")
+    model = build_model("hope", "tiny", vocab_size=VOCAB, titans_hand_backward=hand)
     for block in model.blocks:
         block.mixer.op_mode = "chunk" if form == "chunk" else "fused"
-    return model.compile_chunk_steps() if form == "compiled" else model
+    return model.compile_chunk_steps() if form.startswith("compiled") else model
 
 
 def main() -> None:
@@ -44,7 +47,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_cpu_memory()  # as the trainer does
     ids = torch.randint(0, VOCAB, (1, args.T))
-    models = {form: build(form) for form in ("chunk", "fused", "fused-hand", "compiled")}
+    models = {form: build(form) for form in ("chunk", "fused", "fused-hand", "compiled", "compiled-hand")}
 
     def step(form):
         models[form](ids, labels=ids).loss.backward()

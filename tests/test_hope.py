@@ -313,13 +313,13 @@ def test_the_inner_gradients_skip_the_titans_memory_gradients_and_change_nothing
 
     x, y = torch.randint(0, V, (2, 26)), torch.randint(0, V, (2, 26))
     runs, modes = {}, []
-    backward = cg._FusedChunkStep._backward
+    backward = cg._backward_values
 
-    def recording(ctx, *grads):
-        modes.append(cg._INPUTS_ONLY.on)
-        return backward(ctx, *grads)
+    def recording(*args):
+        modes.append(not args[4])  # states=False: x's and q's gradients only
+        return backward(*args)
 
-    monkeypatch.setattr(cg._FusedChunkStep, "_backward", staticmethod(recording))
+    monkeypatch.setattr(cg, "_backward_values", recording)
     for skip in (True, False):
         if not skip:
             monkeypatch.setattr(cms_lm, "inputs_only_gradients", contextlib.nullcontext)
@@ -337,3 +337,24 @@ def test_the_inner_gradients_skip_the_titans_memory_gradients_and_change_nothing
     assert ga.keys() == gb.keys()
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], rtol=0, atol=1e-13, msg=n)
+
+
+def test_hope_with_the_compiled_hand_written_chunk_step_equals_eager():
+    """The Titans chunk step's hand-written forward and backward compiled (aot_eager: the tracing without C++
+    kernels) inside a whole HOPE training step, its inner gradients' inputs-only backward included."""
+    x, y = torch.randint(0, V, (2, 26)), torch.randint(0, V, (2, 26))
+    runs = []
+    for backend in (None, "aot_eager"):
+        m = tiny(HOPE).train()
+        m.compile_chunk_steps(backend)
+        out = m(x, labels=y)
+        out.loss.backward()
+        runs.append((out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = runs
+    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=1e-10)
+    for sa, sb in zip(a.state.cms, b.state.cms):
+        for wa, wb in zip(sa.weights, sb.weights):
+            torch.testing.assert_close(wb, wa, rtol=0, atol=1e-10)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=0, atol=1e-9, msg=n)

@@ -236,11 +236,20 @@ def test_fused_mlp_memories_equal_the_chunked_form_with_gradients(objective, ret
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
-def test_compiled_chunk_step_equals_eager():
+@pytest.mark.parametrize("hand_backward", [True, False])
+def test_compiled_chunk_step_equals_eager(monkeypatch, hand_backward):
     """``compile_chunk_step`` (here with the aot_eager backend: the same tracing and autograd as inductor, without
-    building C++ kernels) gives the eager outputs and gradients; whole chunks run compiled, partial ones eagerly."""
+    building C++ kernels) gives the eager outputs and gradients; whole chunks run compiled, partial ones eagerly.
+    With ``hand_backward`` the hand-written forward and backward are compiled, each without autograd; without it the
+    compiler derives the backward of the reference step."""
+    from nested_learning.memory import compiled_steps, self_modifying_chunk_grad, self_modifying_titans
+
+    calls = []
+    compile_fn = compiled_steps.compiled
+    for module in (compiled_steps, self_modifying_chunk_grad, self_modifying_titans):
+        monkeypatch.setattr(module, "compiled", lambda f, b: calls.append(f.__name__) or compile_fn(f, b))
     eager, _ = _fused_and_chunked()
-    compiled, _ = _fused_and_chunked()
+    compiled, _ = _fused_and_chunked(hand_backward=hand_backward)
     compiled.compile_chunk_step("aot_eager")
     x = torch.randn(2, 10, 8, dtype=torch.float64, requires_grad=True)
     ye, yc = eager(x)[0], compiled(x)[0]
@@ -250,17 +259,52 @@ def test_compiled_chunk_step_equals_eager():
     for a, b in zip(ge, gc):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     assert compiled.compile_backend == "aot_eager"
+    expected = {"_forward_values", "_backward_values"} if hand_backward else {"fused_chunk_step"}
+    assert set(calls) == expected
 
 
-def test_failed_compilation_warns_and_runs_eagerly():
+@pytest.mark.parametrize("grad", [False, True])
+def test_failed_compilation_warns_and_runs_eagerly(grad):
     eager, _ = _fused_and_chunked()
     broken, _ = _fused_and_chunked()
     broken.compile_chunk_step("no_such_backend")
-    x = torch.randn(1, 8, 8, dtype=torch.float64)
+    x = torch.randn(1, 8, 8, dtype=torch.float64, requires_grad=grad)
     with pytest.warns(RuntimeWarning, match="no_such_backend.*running it eagerly"):
         y = broken(x)[0]
     torch.testing.assert_close(y, eager(x)[0], rtol=0, atol=0)
     assert broken.compile_backend is None
+
+
+def test_a_backward_that_fails_to_compile_warns_once_and_runs_eagerly(monkeypatch):
+    """The hand-written backward compiles inside the caller's backward pass, where nothing could catch the error."""
+    from nested_learning.memory import compiled_steps
+    from nested_learning.memory import self_modifying_chunk_grad as cg
+
+    real = compiled_steps.compiled
+
+    def forward_only(fn, backend):
+        if fn is cg._backward_values:
+            raise RuntimeError("no C compiler")
+        return real(fn, backend)
+
+    monkeypatch.setattr(compiled_steps, "compiled", forward_only)
+    monkeypatch.setattr(cg, "compiled", forward_only)
+    monkeypatch.setattr(compiled_steps, "_FAILED", set())
+    eager, _ = _fused_and_chunked()
+    layer, _ = _fused_and_chunked()
+    layer.compile_chunk_step("aot_eager")
+    x = torch.randn(1, 8, 8, dtype=torch.float64, requires_grad=True)
+    ge = torch.autograd.grad(eager(x)[0].sum(), x)[0]
+    y = layer(x)[0]
+    with pytest.warns(RuntimeWarning, match="chunk step's backward with backend 'aot_eager' failed.*no C compiler"):
+        g = torch.autograd.grad(y.sum(), x)[0]
+    torch.testing.assert_close(g, ge, rtol=0, atol=1e-12)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the backward stays eager
+        torch.autograd.grad(layer(x)[0].sum(), x)
+    assert layer.compile_backend == "aot_eager"  # the forward still compiles
 
 
 def test_compile_needs_the_fused_mlp_memories():

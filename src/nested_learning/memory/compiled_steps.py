@@ -8,6 +8,7 @@ import warnings
 import torch
 
 _CACHE: dict = {}
+_FAILED: set = set()  # (function, backend) pairs whose compilation failed: run eagerly from then on
 
 
 def compiled(step, backend: str):
@@ -26,3 +27,16 @@ def warn_eager_fallback(what: str, backend: str, err: Exception, stacklevel: int
         RuntimeWarning,
         stacklevel=stacklevel + 1,
     )
+
+
+def call_compiled_or_eager(fn, backend: str | None, what: str, *args):
+    """``fn(*args)`` compiled with ``backend`` (None: eagerly); if compiling fails, warn once and run it eagerly,
+    then and on every later call. For steps whose compilation happens where no caller can catch it (a backward)."""
+    if backend is None or (fn, backend) in _FAILED:
+        return fn(*args)
+    try:
+        return compiled(fn, backend)(*args)
+    except Exception as err:  # e.g. no C compiler for inductor: the eager function computes the same thing
+        _FAILED.add((fn, backend))
+        warn_eager_fallback(what, backend, err, stacklevel=2)
+        return fn(*args)

@@ -38,6 +38,7 @@ state starts from them and gradients reach them through the whole in-context tra
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn as nn
@@ -228,8 +229,12 @@ class SelfModifyingTitans(nn.Module):
         eager = fused_chunk_step_hand_grad if self.hand_backward else fused_chunk_step
         if self.compile_backend is None or not whole:  # partial chunks stay eager: one compiled shape per layer
             return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias, step=eager)
+        if self.hand_backward:  # the hand-written forward and backward, each compiled without autograd
+            step = functools.partial(fused_chunk_step_hand_grad, compile=self.compile_backend)
+        else:  # the compiler derives the backward of the reference step
+            step = compiled(fused_chunk_step, self.compile_backend)
         try:
-            return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias, step=compiled(fused_chunk_step, self.compile_backend))
+            return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias, step=step)
         except Exception as err:  # e.g. no C compiler for inductor: the eager step computes the same thing
             warn_eager_fallback("self-modifying Titans chunk step", self.compile_backend, err, stacklevel=2)
             self.compile_backend = None

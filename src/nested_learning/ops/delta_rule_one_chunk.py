@@ -25,9 +25,18 @@ from ._common import ALPHA_FLOOR
 from .delta_rule_chunk import unit_lower_inverse, unit_lower_inverse_reference
 
 
-@functools.lru_cache(maxsize=32)
 def _upper(n: int, device: torch.device) -> torch.Tensor:
+    """The (n, n) mask of the diagonal and above; built in the graph under torch.compile, else cached."""
+    if torch.compiler.is_compiling():
+        return _upper_mask(n, device)
+    return _cached_upper(n, device)
+
+
+def _upper_mask(n: int, device: torch.device) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).triu(0)
+
+
+_cached_upper = functools.lru_cache(maxsize=32)(_upper_mask)
 
 
 def delta_rule_one_chunk(

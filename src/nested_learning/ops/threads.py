@@ -33,9 +33,12 @@ def one_thread_if_threads_sleep(device: torch.device):
     Measured at the sizes of the tiny presets on a 2-core machine; the switch does not look at sizes, so with much
     larger layers on a many-core machine, leave OMP_WAIT_POLICY unset (or ACTIVE) to keep every thread.
     """
-    n = torch.get_num_threads()
     # under torch.compile the stretch is traced, not run: a thread switch there would only break the graph
-    if device.type != "cpu" or n == 1 or not threads_sleep_between_ops() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or device.type != "cpu" or not threads_sleep_between_ops():
+        yield
+        return
+    n = torch.get_num_threads()
+    if n == 1:
         yield
         return
     torch.set_num_threads(1)
@@ -132,11 +135,11 @@ class BackwardOnOneThread:
     def __init__(self, x: torch.Tensor):
         restore_threads_after_failed_backward()
         self.on = (
-            torch.is_grad_enabled()
+            not torch.compiler.is_compiling()
+            and torch.is_grad_enabled()
             and x.device.type == "cpu"
-            and torch.get_num_threads() > 1
             and threads_sleep_between_ops()
-            and not torch.compiler.is_compiling()
+            and torch.get_num_threads() > 1
         )
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
