@@ -241,14 +241,18 @@ class SelfModifyingTitans(nn.Module):
             return mem.fused_chunk(R_c, R, x, q, R_0, gate_bias, step=eager)
 
     def compile_chunk_step(self, backend: str | None = "inductor") -> SelfModifyingTitans:
-        """Run every whole Eq 90 chunk through ``torch.compile`` of ``fused_chunk_step`` (one compiled copy shared
-        by all layers; partial chunks at a call's edges stay eager). MLP memories in the fused mode only.
+        """Run every whole Eq 90 chunk through ``torch.compile`` (one compiled copy shared by all layers; partial
+        chunks at a call's edges stay eager). MLP memories in the fused mode only. With ``hand_backward`` (the
+        default) the step's hand-written forward and backward are compiled, each as a function without autograd;
+        without it ``fused_chunk_step`` is compiled and the compiler derives its backward.
 
-        On a 2-core CPU (1 thread, T=512) HOPE tiny's training step ran 1.19x faster with it than with the eager
-        fused step (``benchmarks/bench_hope_chunk_step.py``; at 2 threads with passive OpenMP waiting the eager step
-        with ``hand_backward`` was faster); the first compilation took 35 s (inductor builds C++ kernels;
-        later processes reuse its cache in seconds). If compilation fails, a warning is issued and the eager step
-        runs instead. ``backend=None`` switches back to eager."""
+        On a 2-core CPU (T=512) HOPE tiny's training step ran 1.19x / 1.15x / 1.21x faster with the first than with
+        the eager step at 1 thread / 2 threads with passive OpenMP waiting / with active waiting, and 0.99x / 1.02x /
+        1.03x the second (``benchmarks/bench_hope_chunk_step.py``). HOPE tiny's first step took 60 s with an empty
+        kernel cache (inductor builds C++ kernels for the forward and the backward's variants), 6 s with the cache
+        a previous process left (0.9 s eager). If the forward fails to compile, a warning is
+        issued and the eager step runs instead; if the backward does, it warns once and runs its backward
+        eagerly. ``backend=None`` switches back to eager."""
         if backend is not None and not self.fused:
             raise ValueError("compile_chunk_step needs the MLP memories in op_mode='fused'")
         self.compile_backend = backend

@@ -1,5 +1,6 @@
 """Thread policy for stretches of small dependent CPU ops (chunk recurrences, per-chunk steps, a CMS language
-model's segments): one thread when OpenMP's idle threads sleep, the caller's threads back for a large op inside."""
+model's segments, and their backward passes): one thread when OpenMP's idle threads sleep, the caller's threads back
+for a large op inside."""
 
 from __future__ import annotations
 
