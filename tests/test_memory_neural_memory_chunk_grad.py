@@ -92,6 +92,7 @@ def test_step_runs_on_one_thread_only_when_threads_sleep(monkeypatch, policy, ex
     """Forward and backward each run their small ops on one thread under the passive OpenMP policy, and restore
     the caller's thread count."""
     monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    monkeypatch.setattr(cg, "side_by_side_parts", lambda device, n: 1)  # the batch in one part (see below)
     calls, count = [], [2]  # as on a 2-core machine, whatever this one has
     monkeypatch.setattr(torch, "set_num_threads", lambda m: calls.append(m) or count.__setitem__(0, m))
     monkeypatch.setattr(torch, "get_num_threads", lambda: count[0])
@@ -105,3 +106,57 @@ def test_traced_by_torch_compile_it_is_the_reference_step(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     outs = cg.mlp_chunk_step_hand_grad(*_step_inputs(True), "gelu", None)
     assert "MLPChunkStep" not in type(outs[0].grad_fn).__name__
+
+
+@pytest.fixture
+def two_real_threads(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("clip", [None, 0.3])
+@pytest.mark.parametrize("initial", [True, False])
+def test_the_batch_split_across_threads_gives_the_same_step(monkeypatch, two_real_threads, clip, initial):
+    """Under passive waiting at 2 threads the batch's memories are split in two parts, each forward and backward on
+    a thread of its own: outputs and every input's gradient equal the one-part step's to rounding (the parts' smaller
+    batched products may round differently)."""
+    import threading
+
+    inputs = _step_inputs(initial)
+    assert inputs[0].shape[0] >= 2
+    weights = [torch.randn_like(o) for o in mlp_chunk_step(*inputs, "gelu", clip)]
+    threads, forward = set(), cg._MLPChunkStep._forward
+
+    def recording(ctx, *args):
+        threads.add(threading.current_thread().name)
+        return forward(ctx, *args)
+
+    monkeypatch.setattr(cg._MLPChunkStep, "_forward", staticmethod(recording))
+    split = _vjp(cg.mlp_chunk_step_hand_grad, inputs, "gelu", clip, weights)
+    assert len(threads) == 2 and any(name.startswith("nested-learning-part") for name in threads)
+    monkeypatch.setattr(cg, "side_by_side_parts", lambda device, n: 1)
+    whole = _vjp(cg.mlp_chunk_step_hand_grad, inputs, "gelu", clip, weights)
+    for a, b in zip([*split[0], *split[1]], [*whole[0], *whole[1]]):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+def test_the_split_step_keeps_second_order_gradients_and_the_no_grad_step(two_real_threads):
+    inputs = _step_inputs(True)
+    weights = [torch.randn_like(o) for o in mlp_chunk_step(*inputs, "gelu", 0.3)]
+    live = [t for t in inputs if t is not None]
+    second = []
+    for step in (cg.mlp_chunk_step_hand_grad, mlp_chunk_step):
+        _, g = _vjp(step, inputs, "gelu", 0.3, weights, create_graph=True)
+        loss = sum(x.square().sum() for x in g)
+        second.append(torch.autograd.grad(loss, live, allow_unused=True, materialize_grads=True))
+    for a, b in zip(*second):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    detached = [None if t is None else t.detach() for t in inputs]
+    for a, b in zip(cg.mlp_chunk_step_hand_grad(*detached, "gelu", None), mlp_chunk_step(*detached, "gelu", None)):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)

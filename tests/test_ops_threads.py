@@ -209,3 +209,60 @@ def test_the_sequence_layers_run_their_loops_forward_and_backward_on_one_thread(
     y.square().sum().backward()
     assert seen == {"forward": {1}, "backward": {1}} and torch.get_num_threads() == 2
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("policy, n, threads, parts", [
+    ("PASSIVE", 8, 2, 2), ("PASSIVE", 1, 2, 1), ("PASSIVE", 8, 1, 1), ("ACTIVE", 8, 2, 1), (None, 8, 2, 1),
+])
+def test_side_by_side_parts_only_when_threads_sleep(monkeypatch, policy, n, threads, parts):
+    from nested_learning.ops.threads import side_by_side_parts
+
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert side_by_side_parts(torch.device("cpu"), n) == parts
+    assert side_by_side_parts(torch.device("meta"), n) == 1
+
+
+def test_run_side_by_side_runs_the_parts_on_threads_of_one_torch_thread_without_grad(monkeypatch):
+    import threading
+
+    from nested_learning.ops import threads
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+
+    def part(i):
+        return i, threading.current_thread().name, torch.get_num_threads(), torch.is_grad_enabled()
+
+    before = torch.get_num_threads()
+    out = threads.run_side_by_side(part, [(0,), (1,), (2,)])
+    assert [o[0] for o in out] == [0, 1, 2]
+    assert out[0][1] == threading.current_thread().name
+    assert all(o[1].startswith("nested-learning-part") for o in out[1:])
+    assert all(o[2] == 1 and not o[3] for o in out)
+    assert torch.get_num_threads() == before
+    monkeypatch.setattr(threads.os, "getpid", lambda: -1)  # as in a forked child: the parent's workers are gone
+    old = threads._POOL["executor"]
+    assert [o[0] for o in threads.run_side_by_side(part, [(5,), (6,)])] == [5, 6]
+    assert threads._POOL["executor"] is not old
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_run_side_by_side_raises_a_parts_error_after_every_part_ended(failing):
+    import time
+
+    from nested_learning.ops.threads import run_side_by_side
+
+    done = []
+
+    def part(i):
+        if i == failing:
+            raise ValueError(f"part {i}")
+        time.sleep(0.05)
+        done.append(i)
+
+    with pytest.raises(ValueError, match=f"part {failing}"):
+        run_side_by_side(part, [(0,), (1,)])
+    assert done == [1 - failing]

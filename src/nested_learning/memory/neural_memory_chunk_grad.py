@@ -26,7 +26,7 @@ import math
 import torch
 
 from ..ops.reference_vjp import reference_vjp
-from ..ops.threads import one_thread_if_threads_sleep
+from ..ops.threads import one_thread_if_threads_sleep, run_side_by_side, side_by_side_parts
 from .memories import _ACTIVATION_VJPS, _ACTIVATIONS
 from .neural_memory_fused import mlp_chunk_step
 
@@ -57,11 +57,42 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum((-2, -1), keepdim=True)
 
 
+class _PartContext:
+    """What ``_MLPChunkStep._forward`` keeps for its backward, for one part of a batch split across threads."""
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def _split_batch(args, parts: int) -> list[list]:
+    """Every tensor of ``args`` (leading dimension the batch of memories) in ``parts`` views along it; other
+    arguments (the activation's name, the clip, None) repeated."""
+    pieces = [t.tensor_split(parts) if isinstance(t, torch.Tensor) else [t] * parts for t in args]
+    return [list(p) for p in zip(*pieces)]
+
+
+def _join_batch(results) -> tuple:
+    return tuple(None if r[0] is None else torch.cat(r) for r in zip(*results))
+
+
 class _MLPChunkStep(torch.autograd.Function):
+    """The chunk step with its hand-written backward. The batch's memories are independent, so when idle threads
+    sleep the step splits them across the caller's threads (``ops.threads.side_by_side_parts``), each part running
+    forward and backward on a thread of its own: the same arithmetic per memory."""
+
     @staticmethod
     def forward(ctx, *args):
-        with one_thread_if_threads_sleep(args[0].device):
-            return _MLPChunkStep._forward(ctx, *args)
+        device = args[0].device
+        parts = side_by_side_parts(device, args[0].shape[0])
+        if parts == 1:
+            with one_thread_if_threads_sleep(device):
+                return _MLPChunkStep._forward(ctx, *args)
+        ctx.parts = [_PartContext() for _ in range(parts)]
+        pieces = _split_batch(args, parts)
+        outs = run_side_by_side(_MLPChunkStep._forward, [(c, *p) for c, p in zip(ctx.parts, pieces)])
+        ctx.save_for_backward(*args[:17])  # the inputs, for a create_graph backward and autograd's version checks
+        ctx.activation, ctx.grad_clip = args[17], args[18]
+        return _join_batch(outs)
 
     @staticmethod
     def _forward(ctx, W2t, W1t, S2t, S1t, W2st, W1st, k, kv, q, qk_coef, ck_T, coef, scales, c_last, f_last,
@@ -115,8 +146,14 @@ class _MLPChunkStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        with one_thread_if_threads_sleep(grads[0].device):
-            return _MLPChunkStep._backward(ctx, *grads)
+        parts = getattr(ctx, "parts", None)
+        if parts is None:
+            with one_thread_if_threads_sleep(grads[0].device):
+                return _MLPChunkStep._backward(ctx, *grads)
+        if torch.is_grad_enabled():  # create_graph: autograd through the reference, as unsplit
+            return _reference_backward(ctx.saved_tensors, grads, ctx.activation, ctx.grad_clip)
+        pieces = _split_batch(grads, len(parts))
+        return _join_batch(run_side_by_side(_MLPChunkStep._backward, [(c, *p) for c, p in zip(parts, pieces)]))
 
     @staticmethod
     def _backward(ctx, gy, gW2n, gW1n, gS2n, gS1n):
@@ -218,11 +255,15 @@ def _reference_backward(inputs, grads, activation, grad_clip):
 
 def mlp_chunk_step_hand_grad(*args):
     """``mlp_chunk_step(*args)`` (same arguments, same outputs) with the hand-written backward of this module;
-    without gradients to take it is ``mlp_chunk_step`` itself (on one thread when idle threads sleep), and so it is
-    while ``torch.compile`` traces it (the compiler then derives the backward of the reference)."""
+    without gradients to take it is ``mlp_chunk_step`` itself (on one thread when idle threads sleep, or the batch
+    split across the caller's threads as ``_MLPChunkStep`` splits it), and so it is while ``torch.compile`` traces it
+    (the compiler then derives the backward of the reference)."""
     if torch.compiler.is_compiling():
         return mlp_chunk_step(*args)
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return _MLPChunkStep.apply(*args)
+    parts = side_by_side_parts(args[0].device, args[0].shape[0])
+    if parts > 1:  # the batch's memories side by side, as in _MLPChunkStep
+        return _join_batch(run_side_by_side(mlp_chunk_step, _split_batch(args, parts)))
     with one_thread_if_threads_sleep(args[0].device):
         return mlp_chunk_step(*args)

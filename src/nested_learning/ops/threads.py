@@ -4,6 +4,7 @@ for a large op inside."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import threading
@@ -153,3 +154,50 @@ class BackwardOnOneThread:
         if not self.on or not any(t.requires_grad for t in tensors):
             return tensors
         return _Switch.apply(self, *tensors)
+
+
+_POOL = {"executor": None, "size": 0, "pid": None}  # worker threads for run_side_by_side
+
+
+def side_by_side_parts(device: torch.device, n: int) -> int:
+    """Into how many parts to split ``n`` independent problems (the memories of a batch), each part on its own
+    thread with one torch thread: when idle threads sleep, the caller's thread count (at most n), else 1.
+
+    Under passive waiting a stretch of small ops runs on one thread (``one_thread_if_threads_sleep``) and the other
+    cores idle; parts on threads of their own use them without a wake-up per op. With threads that spin between ops
+    (the policy unset or ACTIVE) the parts' OpenMP teams would compete for the cores, so there is no split."""
+    if torch.compiler.is_compiling() or device.type != "cpu" or not threads_sleep_between_ops():
+        return 1
+    return max(1, min(int(n), torch.get_num_threads()))
+
+
+def _worker_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    pool = _POOL
+    if pool["executor"] is None or pool["size"] < workers or pool["pid"] != os.getpid():  # none, too few, or forked
+        pool["executor"] = concurrent.futures.ThreadPoolExecutor(
+            workers, thread_name_prefix="nested-learning-part", initializer=_one_torch_thread
+        )
+        pool["size"], pool["pid"] = workers, os.getpid()
+    return pool["executor"]
+
+
+def _one_torch_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _without_grad(fn, args):
+    with torch.no_grad():  # grad mode is per thread: a worker starts with it on
+        return fn(*args)
+
+
+def run_side_by_side(fn, parts: list) -> list:
+    """``[fn(*args) for args in parts]``, the first on this thread (on one torch thread when idle threads sleep), the
+    others at the same time on worker threads of one torch thread each, without autograd (for the bodies of an
+    autograd function's forward and backward). A worker's error is raised here."""
+    futures = [_worker_pool(len(parts) - 1).submit(_without_grad, fn, args) for args in parts[1:]]
+    try:
+        with one_thread_if_threads_sleep(torch.device("cpu")), torch.no_grad():
+            first = fn(*parts[0])
+    finally:
+        concurrent.futures.wait(futures)  # every part has finished, also when the first failed
+    return [first, *(f.result() for f in futures)]
