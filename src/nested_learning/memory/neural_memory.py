@@ -45,7 +45,8 @@ momentum, decay and reads still run per token). Both equal their own token loops
 Fast path (``fused=True``, the default). Whole chunks of an MLP memory with Eq 90 gradients run through
 ``neural_memory_fused.mlp_chunk_step``: the same formulas, with everything that does not depend on the running
 memory batched over all chunks of a call, and a hand-written backward per chunk (``neural_memory_chunk_grad``,
-tested against autograd through ``mlp_chunk_step``), or compiled (``compile_chunk_step``). ``_segment`` is the
+tested against autograd through ``mlp_chunk_step``; under passive OpenMP waiting it splits the batch's memories across
+the caller's threads), or compiled (``compile_chunk_step``). ``_segment`` is the
 reference it is tested against; it also runs partial chunks at a call's edges and every other memory.
 """
 
