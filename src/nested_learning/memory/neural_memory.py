@@ -297,7 +297,9 @@ class NeuralMemory(nn.Module):
     def compile_chunk_step(self, backend: str | None = "inductor") -> NeuralMemory:
         """Run the whole chunks of the fast path through ``torch.compile`` of ``mlp_chunk_step`` (one compiled copy
         shared by all layers; partial chunks at a call's edges stay on ``_segment``). If compilation fails, a
-        warning is issued and the eager step runs instead; ``backend=None`` switches back to eager."""
+        warning is issued and the eager step runs instead; ``backend=None`` switches back to eager. Under passive
+        OpenMP waiting with several threads the eager step is faster: it splits the batch's memories across the
+        threads, which the compiled graph (its backward run by autograd) does not."""
         if backend is not None and not self._fast_chunks():
             raise ValueError("compile_chunk_step needs fused=True, an MLP memory and grad_at='chunk_start'")
         self.compile_backend = backend
