@@ -113,8 +113,9 @@ def _forward_values(objective, value_norm, bounded_targets, initial, *tensors):
         o1 = o1 + hq @ R1_0[2]
         R2n, R1n, RGn = R2n + R2_0, R1n + R1_0, RGn + RG_0
     y = q + o1
-    inner = (zx, hx, px, k, v, eta, alpha, u, z, h, e_main, e_gate, back, delta2, o2, hq, hk_sq, step, main_v, v_main,
-         v_gate)
+    inner = (
+        zx, hx, px, k, v, eta, alpha, u, z, h, e_main, e_gate, back, delta2, o2, hq, hk_sq, step, main_v, v_main, v_gate
+    )
     return (y, R2n, R1n, RGn), inner, (s2, s1, sG)
 
 

@@ -250,9 +250,9 @@ class SelfModifyingTitans(nn.Module):
         the eager step at 1 thread / 2 threads with passive OpenMP waiting / with active waiting, and 0.99x / 1.02x /
         1.03x the second (``benchmarks/bench_hope_chunk_step.py``). HOPE tiny's first step took 60 s with an empty
         kernel cache (inductor builds C++ kernels for the forward and the backward's variants), 6 s with the cache
-        a previous process left (0.9 s eager). If the forward fails to compile, a warning is
-        issued and the eager step runs instead; if the backward does, it warns once and runs its backward
-        eagerly. ``backend=None`` switches back to eager."""
+        a previous process left (0.9 s eager). If the forward fails to compile, a warning is issued and the eager
+        step runs instead; if the backward does, it warns once and runs its backward eagerly. ``backend=None``
+        switches back to eager."""
         if backend is not None and not self.fused:
             raise ValueError("compile_chunk_step needs the MLP memories in op_mode='fused'")
         self.compile_backend = backend

@@ -63,8 +63,9 @@ class TiedHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logits, g_nll):
-        with caller_threads():  # products with the whole head, inside a backward pass that one_thread_backward ran
-            return TiedHead._backward(ctx, g_logits, g_nll)  # on one thread
+        # products with the whole head: every thread, inside a backward that BackwardOnOneThread put on one
+        with caller_threads():
+            return TiedHead._backward(ctx, g_logits, g_nll)
 
     @staticmethod
     def _backward(ctx, g_logits, g_nll):

@@ -1,6 +1,6 @@
 """Thread policy for stretches of small dependent CPU ops (chunk recurrences, per-chunk steps, a CMS language
 model's segments, and their backward passes): one thread when OpenMP's idle threads sleep, the caller's threads back
-for a large op inside."""
+for a large op inside; or, for a batch of independent problems, one part per thread side by side."""
 
 from __future__ import annotations
 
@@ -65,8 +65,6 @@ def caller_threads():
         yield
     finally:
         torch.set_num_threads(1)
-
-
 
 
 def _restore_backward_threads(owner=None) -> None:
@@ -174,6 +172,8 @@ def side_by_side_parts(device: torch.device, n: int) -> int:
 def _worker_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
     pool = _POOL
     if pool["executor"] is None or pool["size"] < workers or pool["pid"] != os.getpid():  # none, too few, or forked
+        if pool["executor"] is not None and pool["pid"] == os.getpid():
+            pool["executor"].shutdown(wait=False)
         pool["executor"] = concurrent.futures.ThreadPoolExecutor(
             workers, thread_name_prefix="nested-learning-part", initializer=_one_torch_thread
         )
