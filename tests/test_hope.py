@@ -358,3 +358,28 @@ def test_hope_with_the_compiled_hand_written_chunk_step_equals_eager():
     assert ga.keys() == gb.keys()
     for n in ga:
         torch.testing.assert_close(gb[n], ga[n], rtol=0, atol=1e-9, msg=n)
+
+
+def test_a_training_step_runs_in_a_thread_other_than_the_main_one():
+    """Thread-local switches (the inner gradients' inputs-only backward, the thread policy) start unset in a new
+    thread: a step there gives the main thread's loss and gradients."""
+    import threading
+
+    x, y = torch.randint(0, V, (1, 20)), torch.randint(0, V, (1, 20))
+    runs = []
+
+    def step():
+        m = tiny(HOPE).train()
+        out = m(x, labels=y)
+        out.loss.backward()
+        runs.append((out.loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+
+    step()
+    worker = threading.Thread(target=step)
+    worker.start()
+    worker.join()
+    assert len(runs) == 2
+    (la, ga), (lb, gb) = runs
+    torch.testing.assert_close(lb, la, rtol=0, atol=0)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

@@ -33,8 +33,7 @@ from .neural_memory_chunk_grad import activation_derivatives
 from .self_modifying_memories import bound_targets, fused_chunk_step
 
 _EPS = 1e-12  # F.normalize's
-_INPUTS_ONLY = threading.local()
-_INPUTS_ONLY.on = False
+_INPUTS_ONLY = threading.local()  # .on: set by inputs_only_gradients (absent in a thread that never entered it)
 
 
 @contextlib.contextmanager
@@ -48,12 +47,16 @@ def inputs_only_gradients():
     runs outside it. Thread-local: autograd runs a CPU backward on the calling thread, where it applies; a GPU
     backward runs on autograd's device threads, which keep computing every gradient (the same result, no saving). No
     effect on the reference (create_graph) backward."""
-    before = _INPUTS_ONLY.on
+    before = _inputs_only()
     _INPUTS_ONLY.on = True
     try:
         yield
     finally:
         _INPUTS_ONLY.on = before
+
+
+def _inputs_only() -> bool:
+    return getattr(_INPUTS_ONLY, "on", False)
 
 
 def _normalize_backward(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -256,7 +259,7 @@ class _FusedChunkStep(torch.autograd.Function):
             shapes = (tensors[7], *tensors[3:6])  # q and the running states: the shapes of y and the new states
             grads = [torch.zeros_like(t) if g is None else g for g, t in zip((gy, gR2n, gR1n, gRGn), shapes)]
             return _reference_backward(ctx, tensors, tuple(grads))
-        states = not _INPUTS_ONLY.on  # else only x's and q's gradients (see inputs_only_gradients)
+        states = not _inputs_only()  # else only x's and q's gradients (see inputs_only_gradients)
         with one_thread_if_threads_sleep(ctx.device):
             grads = call_compiled_or_eager(
                 _backward_values, ctx.compile, "self-modifying Titans chunk step's backward",
