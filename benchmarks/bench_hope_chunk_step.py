@@ -1,15 +1,15 @@
-"""HOPE's training step with the three forms of the self-modifying Titans chunk step, in one run.
+"""HOPE's training step with the forms of the self-modifying Titans chunk step, in one run.
 
     python benchmarks/bench_hope_chunk_step.py [--T 512] [--threads 1] [--rounds 4]
 
 "chunk": each Eq 90 chunk through ``ops.delta_rule`` (the reference form); "fused": the box-major step with
 ``ops.delta_rule_one_chunk``, differentiated by autograd (``titans_hand_backward=False``); "fused-hand": the same step
-with its hand-written backward (the default); "compiled": the fused step under ``torch.compile`` (inductor; the first run of a
-machine compiles for minutes, later runs reuse the cache), its backward derived by the compiler
-(``titans_hand_backward=False``); "compiled-hand": the hand-written forward and backward, each compiled without autograd
-(``titans_compile="inductor"`` with the default ``titans_hand_backward=True``). HOPE tiny (dim 128, 2 layers, 4 heads) with a 32,000
-vocabulary, batch 1, fp32, ``model(x, labels=x).loss.backward()`` with test-time memory writes, fastest of
-``--rounds`` interleaved rounds.
+with its hand-written backward (the default); "compiled": the fused step under ``torch.compile`` (inductor; the first
+run of a machine compiles for minutes, later runs reuse the cache), its backward derived by the compiler
+(``titans_hand_backward=False``); "compiled-hand": the hand-written forward and backward, each compiled without
+autograd (``titans_compile="inductor"`` with the default ``titans_hand_backward=True``). HOPE tiny (dim 128, 2 layers,
+4 heads) with a 32,000 vocabulary, batch 1, fp32, ``model(x, labels=x).loss.backward()`` with test-time memory
+writes, fastest of ``--rounds`` interleaved rounds.
 """
 
 from __future__ import annotations

@@ -277,6 +277,8 @@ def test_failed_compilation_warns_and_runs_eagerly(grad):
 
 def test_a_backward_that_fails_to_compile_warns_once_and_runs_eagerly(monkeypatch):
     """The hand-written backward compiles inside the caller's backward pass, where nothing could catch the error."""
+    import warnings
+
     from nested_learning.memory import compiled_steps
     from nested_learning.memory import self_modifying_chunk_grad as cg
 
@@ -299,8 +301,6 @@ def test_a_backward_that_fails_to_compile_warns_once_and_runs_eagerly(monkeypatc
     with pytest.warns(RuntimeWarning, match="chunk step's backward with backend 'aot_eager' failed.*no C compiler"):
         g = torch.autograd.grad(y.sum(), x)[0]
     torch.testing.assert_close(g, ge, rtol=0, atol=1e-12)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning: the backward stays eager
         torch.autograd.grad(layer(x)[0].sum(), x)
