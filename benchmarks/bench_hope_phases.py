@@ -1,6 +1,6 @@
 """Where HOPE's training step spends its time: the forward's phases and the backward, in milliseconds per step.
 
-    python benchmarks/bench_hope_phases.py [--threads 1] [--T 512] [--rounds 3] [--quick]
+    python benchmarks/bench_hope_phases.py [--threads 1] [--T 512] [--rounds 3] [--quick] [--compile]
 
 HOPE tiny (dim 128, 2 layers, 4 heads, vocab 32000, default chunks and defaults), batch 1, fp32, one
 ``model(x, labels=x).loss.backward()`` with test-time memory writes, freed memory kept in the heap as the trainer
@@ -108,13 +108,14 @@ def main(argv=None) -> dict:
     p.add_argument("--T", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="T = 64, one round (a smoke test)")
+    p.add_argument("--compile", action="store_true", help="the Titans chunk step compiled (titans_compile='inductor')")
     args = p.parse_args(argv)
     if args.quick:
         args.T, args.rounds = 64, 1
     torch.set_num_threads(args.threads)
     keep_freed_cpu_memory()
     torch.manual_seed(0)
-    model = build_model("hope", "tiny", vocab_size=VOCAB)
+    model = build_model("hope", "tiny", vocab_size=VOCAB, titans_compile="inductor" if args.compile else None)
     ids = torch.randint(0, VOCAB, (1, args.T))
     phases, labels = instrument(model)
 
@@ -131,13 +132,16 @@ def main(argv=None) -> dict:
 
     try:
         step()
+        if args.compile:  # the first step compiles; the second runs the backward's variants once more
+            step()
         phases.seconds.clear()
         for _ in range(args.rounds):
             step()
     finally:
         phases.undo()
     total = phases.seconds["step"]
-    print(f"HOPE tiny training step, T = {args.T}, batch 1, fp32, {args.threads} thread(s), "
+    form = ", Titans chunk step compiled" if args.compile else ""
+    print(f"HOPE tiny training step{form}, T = {args.T}, batch 1, fp32, {args.threads} thread(s), "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}: {args.T * args.rounds / total:.0f} tokens/s")
     print(f"{'phase':58s} {'ms':>9} {'share':>7}")
     for k in labels:

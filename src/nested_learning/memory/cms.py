@@ -67,6 +67,7 @@ import torch.nn.functional as F
 
 from ..ops._validation import check_int, check_layer_input
 from ..ops.threads import BackwardOnOneThread, one_thread_if_threads_sleep
+from .cms_chain_read import ChainRead, ChainSink, chain_read
 from .cms_levels import LEVEL_FORMS, LevelCache, gelu_grad, make_level_form
 from .cms_transfer import TRANSFERS, LevelTransfer, parse_transfer
 from .state import LayerState
@@ -226,13 +227,22 @@ class ContinuumMemorySystem(nn.Module):
         return CMSState(weights, grads, torch.zeros(batch, 0, self.dim, device=device, dtype=dtype), 0)
 
     # ------------------------------------------------------------------ read (Eq 70 / 74)
-    def read(self, x: torch.Tensor, weights: list):
+    def read(self, x: torch.Tensor, weights: list, fused: bool = False):
         """The CMS output with fast ``weights`` (constant over ``x``): ``x: (B, S, d)`` -> ``y: (B, S, d)`` in x's
         dtype, and per level its :class:`LevelCache` (input u, the branch's intermediate tensors ending with its
         output delta). The gradients of a loss w.r.t. ``cache.factors`` are the output-side factors of the level's
-        weight gradient (:meth:`weight_grads`); :meth:`local_grads` computes them in closed form."""
+        weight gradient (:meth:`weight_grads`); :meth:`local_grads` computes them in closed form.
+
+        ``fused=True`` (the chain of Eq 70: the sequential and nested variants; ignored for the independent one):
+        the chain as one autograd node with a hand-written backward (``memory/cms_chain_read.py``); the cache is then
+        one :class:`ChainRead` (the read's input and the sink its backward puts the levels' weight gradients in
+        while asked to) instead of a list of level caches. Not for :meth:`local_grads`, which reads intermediates."""
         weights = self.transfer.read_weights(weights)
         u = x if x.dtype == weights[0].dtype else x.to(weights[0].dtype)
+        if fused and self.variant != "independent":
+            sink = ChainSink()
+            y = chain_read(self.form, u, weights, sink)
+            return (y if y.dtype == x.dtype else y.to(x.dtype)), ChainRead(u, sink)
         cache = []
         if self.variant == "independent":
             gate = torch.softmax(self.gate(u), dim=-1)  # (B, S, k)

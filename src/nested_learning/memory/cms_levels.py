@@ -73,6 +73,16 @@ class LevelForm:
         """The factor gradients of 1/2 sum_t ||delta_t - target_t||^2 given ``err = delta - target`` (B, S, d)."""
         raise NotImplementedError
 
+    def branch(self, u: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """``delta(u)`` and what :meth:`branch_backward` reads (activations and views of w), computed without
+        autograd bookkeeping of its own."""
+        raise NotImplementedError
+
+    def branch_backward(self, u, saved: tuple, g: torch.Tensor, gw: torch.Tensor | None) -> torch.Tensor:
+        """The gradient of ``<g, delta(u)>`` w.r.t. u; with ``gw`` (an empty ``(B, n)`` tensor) the gradient
+        w.r.t. the flat weights is written into it (the outer products of :meth:`weight_grads`)."""
+        raise NotImplementedError
+
 
 class GeluLevel(LevelForm):
     """Layout [W_up (H, d), b_up (H), W_down (d, H), b_down (d)]; factors (pre, delta)."""
@@ -107,6 +117,23 @@ class GeluLevel(LevelForm):
     def next_input_factor_grads(self, cache, w, err):
         pre = cache.factors[0]
         return torch.bmm(err, self.unpack(w)[2]) * gelu_grad(pre), err  # back through W_down and the GELU
+
+    def branch(self, u, w):
+        W_up, b_up, W_down, b_down = self.unpack(w)
+        pre = torch.baddbmm(b_up.unsqueeze(1), u, W_up.transpose(1, 2))
+        h = F.gelu(pre)
+        return torch.baddbmm(b_down.unsqueeze(1), h, W_down.transpose(1, 2)), (pre, h, W_up, W_down)
+
+    def branch_backward(self, u, saved, g, gw):
+        pre, h, W_up, W_down = saved
+        dpre = torch.ops.aten.gelu_backward(torch.bmm(g, W_down), pre)
+        if gw is not None:
+            dW_up, db_up, dW_down, db_down = self.unpack(gw)
+            torch.bmm(dpre.transpose(1, 2), u, out=dW_up)
+            torch.sum(dpre, 1, out=db_up)
+            torch.bmm(g.transpose(1, 2), h, out=dW_down)
+            torch.sum(g, 1, out=db_down)
+        return torch.bmm(dpre, W_up)
 
 
 class SwiGLULevel(LevelForm):
@@ -143,6 +170,30 @@ class SwiGLULevel(LevelForm):
         g, a, _ = cache.factors
         dh = torch.bmm(err, self.unpack(w)[2])
         return dh * a * silu_grad(g), dh * F.silu(g), err
+
+    def _gate_up(self, w):
+        """[W_gate; W_up] as one (B, 2H, d) view (they are adjacent in the layout): one product for both."""
+        B, H, d = w.shape[0], self.hidden, self.dim
+        return w[:, : 2 * H * d].view(B, 2 * H, d)
+
+    def branch(self, u, w):
+        H = self.hidden
+        ga = torch.bmm(u, self._gate_up(w).transpose(1, 2))
+        g, a = ga[..., :H], ga[..., H:]
+        h = F.silu(g) * a
+        W_gate_up, W_down = self._gate_up(w), self.unpack(w)[2]
+        return torch.bmm(h, W_down.transpose(1, 2)), (ga, h, W_gate_up, W_down)
+
+    def branch_backward(self, u, saved, gd, gw):
+        ga, h, W_gate_up, W_down = saved
+        H = self.hidden
+        g, a = ga[..., :H], ga[..., H:]
+        dh = torch.bmm(gd, W_down)
+        dga = torch.cat([dh * a * silu_grad(g), dh * F.silu(g)], dim=-1)
+        if gw is not None:
+            torch.bmm(dga.transpose(1, 2), u, out=self._gate_up(gw))
+            torch.bmm(gd.transpose(1, 2), h, out=self.unpack(gw)[2])
+        return torch.bmm(dga, W_gate_up)
 
 
 def make_level_form(name: str, dim: int, hidden: int) -> LevelForm:

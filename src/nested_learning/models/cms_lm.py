@@ -19,6 +19,8 @@ through the weights stays intact. Each level accumulates its segment gradients a
 its chunk ends (``ContinuumMemorySystem.step``). Since a level is constant over its chunk, summing segment gradients
 is exact; the only pairs left out are the C/C_min - 1 pairs (last token of a segment, first of the next) that cross a
 segment boundary inside a level's chunk. ``objective="next_input"`` uses the CMS's own local objective instead.
+In first order each block's chain is read as one autograd node (``memory/cms_chain_read.py``): the call then asks for
+the gradient at the read's input, and the node hands over its levels' weight gradients (the same outer products).
 
 Modes: ``"first_order"`` detaches the inner gradients (the outer optimizer still learns the slow initial weights
 through the identity path of theta = theta_0 - eta * sum g, and eta through eta * g); ``"meta"`` keeps their graph
@@ -45,6 +47,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nested_learning.memory.cms import ContinuumMemorySystem, segment_bounds
+from nested_learning.memory.cms_chain_read import ChainRead
 from nested_learning.memory.self_modifying_chunk_grad import inputs_only_gradients
 from nested_learning.memory.state import LayerState
 from nested_learning.models.base import LanguageModel, ModelOutput, check_input_ids, check_labels
@@ -94,7 +97,13 @@ class CMSLanguageModel(LanguageModel):
     ``out = model(input_ids, state=None, labels=None)``; ``labels[:, t]`` is the target of position t (-100 ignored)
     and ``out.loss`` their mean cross-entropy (the outer objective). ``model.set_test_time_updates(False)`` freezes
     every CMS level (the "CMS frozen" baseline; the mixers keep their own in-context memory).
+
+    ``fused_cms_read`` (default True): with the "lm" objective in first order, each block reads its CMS chain as
+    one autograd node whose backward writes every level's weight gradient (``memory/cms_chain_read.py``); False
+    reads it op by op with autograd's backward (the reference, equal to rounding).
     """
+
+    fused_cms_read: bool = True
 
     def __init__(
         self,
@@ -178,9 +187,10 @@ class CMSLanguageModel(LanguageModel):
         return self.cms_layers()[0].test_time_updates
 
     # ------------------------------------------------------------------ one segment
-    def _segment(self, x: torch.Tensor, mixers: list, cms: list):
+    def _segment(self, x: torch.Tensor, mixers: list, cms: list, fused: bool = False):
         """All blocks on the embedded segment ``x: (B, S, d)`` with fixed fast weights; returns the final normed
-        hidden state, the mixer states, and per block the CMS cache (``ContinuumMemorySystem.read``)."""
+        hidden state, the mixer states, and per block the CMS cache (``ContinuumMemorySystem.read``, ``fused`` as
+        there)."""
         new_mixers, caches = [], []
         for block, ms, cs in zip(self.blocks, mixers, cms):
             y, ms = block.mixer(block.norm1(x), ms)
@@ -189,7 +199,7 @@ class CMSLanguageModel(LanguageModel):
             if block.cms is None:
                 x, cache = x + block.mlp(u), []
             else:
-                y, cache = block.cms.read(u, cs.weights)
+                y, cache = block.cms.read(u, cs.weights, fused=fused)
                 x = x + (y - u)
             new_mixers.append(ms)
             caches.append(cache)
@@ -206,7 +216,8 @@ class CMSLanguageModel(LanguageModel):
         when the head already took that product for the outer backward, time-major ``(S-1, B, d)``); then one
         ``autograd.grad`` call from h to every level's pre-activation and branch output OF THIS SEGMENT
         (intermediate tensors, so the state at the segment start is held fixed and nothing else is computed). The
-        weight gradients follow from these factors (``ContinuumMemorySystem.weight_grads``)."""
+        weight gradients follow from these factors (``ContinuumMemorySystem.weight_grads``). A fused read
+        (``ChainRead``) is asked for its input's gradient instead and hands over its levels' weight gradients."""
         if self.objective == "next_input":
             return [
                 b.cms.local_grads(c, cs.weights, differentiable=meta and b.cms.mode == "meta", transfer_graph=meta)
@@ -221,14 +232,29 @@ class CMSLanguageModel(LanguageModel):
             else:  # time-major (S-1, B, V): one plain GEMM
                 dh = (probs.to(W.dtype) @ W).transpose(0, 1)
             dh = F.pad(dh - F.embedding(ids[:, 1:], W), (0, 0, 0, 1))  # (softmax - onehot(x_{t+1})) W
-        factors = [t for cache in caches for c in cache for t in c.factors]
-        # every memory state of a later layer's Titans chunk steps was made by earlier segments, out of this pass's
-        # reach: their hand-written backward skips those gradients
-        with inputs_only_gradients():
-            g = torch.autograd.grad(h, factors, dh, retain_graph=outer, create_graph=meta, materialize_grads=True)
-        out, i = [], 0
+        # a fused read (ChainRead) puts its levels' weight gradients in its sink when asked for its input's gradient
+        reads = [c for c in caches if isinstance(c, ChainRead)]
+        factors = [r.u for r in reads] + [
+            t for cache in caches if not isinstance(cache, ChainRead) for c in cache for t in c.factors
+        ]
+        for r in reads:
+            r.sink.collect = True
+        try:
+            # every memory state of a later layer's Titans chunk steps was made by earlier segments, out of this
+            # pass's reach: their hand-written backward skips those gradients
+            with inputs_only_gradients():
+                g = torch.autograd.grad(
+                    h, factors, dh, retain_graph=outer, create_graph=meta, materialize_grads=True
+                )
+        finally:
+            for r in reads:
+                r.sink.collect = False
+        out, i = [], len(reads)
         with torch.set_grad_enabled(meta):
             for block, cache in zip(self.blocks, caches):
+                if isinstance(cache, ChainRead):
+                    out.append(cache.sink.take())  # first order: no graph
+                    continue
                 levels = []
                 for lv, c in enumerate(cache):
                     k = len(c.factors)
@@ -265,6 +291,8 @@ class CMSLanguageModel(LanguageModel):
         W = self.head.weight
         Wt = (W if meta else W.detach()).t().contiguous()  # (d, V): one copy per call, h @ Wt is a plain GEMM
         kernel = (lambda: sdpa_kernel([SDPBackend.MATH])) if meta else contextlib.nullcontext
+        # the CMS chain as one node whose backward writes the weight gradients (first-order "lm" inner gradients)
+        fused = self.fused_cms_read and self.objective == "lm" and not meta
         # the backward is the segment loop's small ops in reverse: one thread too (restored when the pass ends)
         backward_span = BackwardOnOneThread(W)
         x_all = self.embed(ids)
@@ -279,7 +307,7 @@ class CMSLanguageModel(LanguageModel):
                     x = x_all[:, a:b]
                     if inner and not x.requires_grad:  # e.g. frozen parameters: the inner gradient needs a graph
                         x = x.detach().requires_grad_()
-                    h, new_mixers, caches = self._segment(x, mixers, cms)
+                    h, new_mixers, caches = self._segment(x, mixers, cms, fused)
                     probs = head.segment(h, Wt, a, b, need_probs=inner)
                     grads = None
                     if inner:
