@@ -289,7 +289,9 @@ class CMSLanguageModel(LanguageModel):
         # (exact: first-order inner gradients are detached, so the inner computation never enters the outer graph).
         direct = not meta
         W = self.head.weight
-        Wt = (W if meta else W.detach()).t().contiguous()  # (d, V): one copy per call, h @ Wt is a plain GEMM
+        # (d, V), a view: the GEMMs take the transposed operand as stored, and every segment's two products with the
+        # head then stream one matrix instead of two (2-3% of HOPE tiny's step against a contiguous copy)
+        Wt = (W if meta else W.detach()).t()
         kernel = (lambda: sdpa_kernel([SDPBackend.MATH])) if meta else contextlib.nullcontext
         # the CMS chain as one node whose backward writes the weight gradients (first-order "lm" inner gradients)
         fused = self.fused_cms_read and self.objective == "lm" and not meta
