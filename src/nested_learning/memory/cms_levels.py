@@ -99,10 +99,7 @@ class GeluLevel(LevelForm):
         return W_up.view(B, H, d), b_up, W_down.view(B, d, H), b_down
 
     def read(self, u, w):
-        W_up, b_up, W_down, b_down = self.unpack(w)
-        pre = torch.baddbmm(b_up.unsqueeze(1), u, W_up.transpose(1, 2))
-        h = F.gelu(pre)
-        delta = torch.baddbmm(b_down.unsqueeze(1), h, W_down.transpose(1, 2))
+        delta, (pre, h, _, _) = self.branch(u, w)
         return LevelCache(u, (pre, delta), (h,))
 
     def weight_grads(self, cache, factor_grads):
@@ -177,11 +174,9 @@ class SwiGLULevel(LevelForm):
         return w[:, : 2 * H * d].view(B, 2 * H, d)
 
     def branch(self, u, w):
-        H = self.hidden
-        ga = torch.bmm(u, self._gate_up(w).transpose(1, 2))
-        g, a = ga[..., :H], ga[..., H:]
-        h = F.silu(g) * a
-        W_gate_up, W_down = self._gate_up(w), self.unpack(w)[2]
+        H, W_gate_up, W_down = self.hidden, self._gate_up(w), self.unpack(w)[2]
+        ga = torch.bmm(u, W_gate_up.transpose(1, 2))
+        h = F.silu(ga[..., :H]) * ga[..., H:]
         return torch.bmm(h, W_down.transpose(1, 2)), (ga, h, W_gate_up, W_down)
 
     def branch_backward(self, u, saved, gd, gw):

@@ -290,7 +290,7 @@ class CMSLanguageModel(LanguageModel):
         direct = not meta
         W = self.head.weight
         # (d, V), a view: the GEMMs take the transposed operand as stored, and every segment's two products with the
-        # head then stream one matrix instead of two (2-3% of HOPE tiny's step against a contiguous copy)
+        # head then stream one matrix instead of two
         Wt = (W if meta else W.detach()).t()
         kernel = (lambda: sdpa_kernel([SDPBackend.MATH])) if meta else contextlib.nullcontext
         # the CMS chain as one node whose backward writes the weight gradients (first-order "lm" inner gradients)
