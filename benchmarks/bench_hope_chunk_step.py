@@ -7,7 +7,9 @@
 with its hand-written backward (the default); "compiled": the fused step under ``torch.compile`` (inductor; the first
 run of a machine compiles for minutes, later runs reuse the cache), its backward derived by the compiler
 (``titans_hand_backward=False``); "compiled-hand": the hand-written forward and backward, each compiled without
-autograd (``titans_compile="inductor"`` with the default ``titans_hand_backward=True``). HOPE tiny (dim 128, 2 layers,
+autograd (``titans_compile="inductor", titans_compile_layer=False``); "compiled-layer": every segment's Titans layer
+call compiled whole, the compiler deriving its backward (``titans_compile="inductor"``, the default
+``titans_compile_layer=True``; the partial segments at a call's end take the compiled-hand step). HOPE tiny (dim 128, 2 layers,
 4 heads) with a 32,000 vocabulary, batch 1, fp32, ``model(x, labels=x).loss.backward()`` with test-time memory
 writes, fastest of ``--rounds`` interleaved rounds.
 """
@@ -31,11 +33,13 @@ VOCAB = 32000
 
 def build(form: str):
     torch.manual_seed(0)
-    hand = form in ("fused-hand", "compiled-hand")
+    hand = form in ("fused-hand", "compiled-hand", "compiled-layer")
     model = build_model("hope", "tiny", vocab_size=VOCAB, titans_hand_backward=hand)
     for block in model.blocks:
         block.mixer.op_mode = "chunk" if form == "chunk" else "fused"
-    return model.compile_chunk_steps() if form.startswith("compiled") else model
+    if not form.startswith("compiled"):
+        return model
+    return model.compile_chunk_steps(whole_chunk_calls=form == "compiled-layer")
 
 
 def main() -> None:
@@ -47,7 +51,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_cpu_memory()  # as the trainer does
     ids = torch.randint(0, VOCAB, (1, args.T))
-    models = {form: build(form) for form in ("chunk", "fused", "fused-hand", "compiled", "compiled-hand")}
+    forms = ("chunk", "fused", "fused-hand", "compiled", "compiled-hand", "compiled-layer")
+    models = {form: build(form) for form in forms}
 
     def step(form):
         models[form](ids, labels=ids).loss.backward()

@@ -339,16 +339,21 @@ def test_the_inner_gradients_skip_the_titans_memory_gradients_and_change_nothing
         torch.testing.assert_close(ga[n], gb[n], rtol=0, atol=1e-13, msg=n)
 
 
-def test_hope_with_the_compiled_hand_written_chunk_step_equals_eager():
+@pytest.mark.parametrize("whole_chunk_calls", [False, True])
+def test_hope_with_the_compiled_hand_written_chunk_step_equals_eager(whole_chunk_calls):
     """The Titans chunk step's hand-written forward and backward compiled (aot_eager: the tracing without C++
-    kernels) inside a whole HOPE training step, its inner gradients' inputs-only backward included."""
+    kernels) inside a whole HOPE training step, its inner gradients' inputs-only backward included; or, with
+    ``whole_chunk_calls``, every segment's Titans layer call compiled whole (the 2-token partial segment at the end
+    of the 26 ids stays on the compiled chunk step's path)."""
     x, y = torch.randint(0, V, (2, 26)), torch.randint(0, V, (2, 26))
     runs = []
     for backend in (None, "aot_eager"):
         m = tiny(HOPE).train()
-        m.compile_chunk_steps(backend)
+        m.compile_chunk_steps(backend, whole_chunk_calls=whole_chunk_calls)
         out = m(x, labels=y)
         out.loss.backward()
+        expected = backend if whole_chunk_calls else None  # compiled throughout: no fallback to eager
+        assert all(b.mixer.whole_chunk_backend == expected for b in m.blocks)
         runs.append((out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
     (a, ga), (b, gb) = runs
     torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=1e-10)

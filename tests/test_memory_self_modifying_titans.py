@@ -263,6 +263,54 @@ def test_compiled_chunk_step_equals_eager(monkeypatch, hand_backward):
     assert set(calls) == expected
 
 
+def test_whole_chunk_calls_compiled_equal_eager_and_other_calls_run_as_before(monkeypatch):
+    """``compile_whole_chunk_calls`` (aot_eager: the tracing and autograd of inductor without C++ kernels): a stream
+    fed chunk by chunk, starting fresh and then from a state, gives the eager outputs, states and gradients; a call
+    that is not one aligned whole chunk does not go through the compiled layer."""
+    from nested_learning.memory import self_modifying_titans
+
+    calls = []
+    compile_fn = self_modifying_titans.compiled
+    monkeypatch.setattr(self_modifying_titans, "compiled", lambda f, b: calls.append(f.__name__) or compile_fn(f, b))
+    eager, _ = _fused_and_chunked()
+    compiled, _ = _fused_and_chunked()
+    compiled.compile_whole_chunk_calls("aot_eager")
+    x = torch.randn(2, 12, 8, dtype=torch.float64, requires_grad=True)
+    results = []
+    for layer in (eager, compiled):
+        outs, state = [], None
+        for a in range(0, 12, 4):
+            y, state = layer(x[:, a : a + 4], state)
+            outs.append(y)
+        y = torch.cat(outs, 1)
+        loss = (y * torch.linspace(-1, 1, 12, dtype=torch.float64)[:, None]).sum()
+        results.append((y, state, torch.autograd.grad(loss, [x, *layer.parameters()])))
+    assert calls and set(calls) == {"_forward"}
+    (ye, se, ge), (yc, sc, gc) = results
+    torch.testing.assert_close(yc, ye, rtol=0, atol=1e-12)
+    for a, b in zip(se.memory + se.chunk_memory, sc.memory + sc.chunk_memory):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    for a, b in zip(ge, gc):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-10)
+    calls.clear()
+    _, s = compiled(x[:, :3])  # a partial chunk, then a call that starts inside a chunk: both as before
+    compiled(x[:, 3:7], s)
+    assert calls == []
+    with pytest.raises(ValueError, match="fused"):
+        _layer("l2", 4, "linear").compile_whole_chunk_calls("aot_eager")
+
+
+def test_whole_chunk_calls_that_fail_to_compile_warn_and_run_as_before():
+    eager, _ = _fused_and_chunked()
+    broken, _ = _fused_and_chunked()
+    broken.compile_whole_chunk_calls("no_such_backend")
+    x = torch.randn(1, 4, 8, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="self-modifying Titans layer.*no_such_backend.*running it eagerly"):
+        y = broken(x)[0]
+    torch.testing.assert_close(y, eager(x)[0], rtol=0, atol=0)
+    assert broken.whole_chunk_backend is None
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_failed_compilation_warns_and_runs_eagerly(grad):
     eager, _ = _fused_and_chunked()

@@ -67,13 +67,16 @@ class HOPE(CMSLanguageModel):
             init_std=config.init_std,
         )
         if config.titans_compile is not None:
-            self.compile_chunk_steps(config.titans_compile)
+            self.compile_chunk_steps(config.titans_compile, whole_chunk_calls=config.titans_compile_layer)
 
-    def compile_chunk_steps(self, backend: str | None = "inductor") -> HOPE:
-        """``torch.compile`` every layer's self-modifying Titans chunk step (``SelfModifyingTitans.compile_chunk_step``;
-        eager fallback with a warning if compilation fails); ``None`` returns to eager."""
+    def compile_chunk_steps(self, backend: str | None = "inductor", whole_chunk_calls: bool = True) -> HOPE:
+        """``torch.compile`` every layer's self-modifying Titans chunk step (``SelfModifyingTitans.compile_chunk_step``)
+        and, with ``whole_chunk_calls``, each layer call on one whole chunk as one graph
+        (``SelfModifyingTitans.compile_whole_chunk_calls``: every segment, when the Titans chunk is the CMS segment);
+        eager fallback with a warning if compilation fails; ``None`` returns to eager."""
         for block in self.blocks:
             block.mixer.compile_chunk_step(backend)
+            block.mixer.compile_whole_chunk_calls(backend if whole_chunk_calls else None)
         return self
 
     def mixer_initial_state(self, mixer, batch, device, dtype):

@@ -53,6 +53,9 @@ class HOPEConfig:
     conv_size: int = 4
     # torch.compile backend of the Titans chunk step ("inductor"), or None for eager (SelfModifyingTitans.compile_chunk_step)
     titans_compile: str | None = None
+    # with titans_compile: also each layer call on one whole chunk (every segment when the Titans chunk is the CMS
+    # segment) as one compiled graph (SelfModifyingTitans.compile_whole_chunk_calls); False: the chunk step alone
+    titans_compile_layer: bool = True
     # the Titans chunk step's hand-written backward (SelfModifyingTitans.hand_backward); False: autograd's
     titans_hand_backward: bool = True
     # MLP memories' self-generated targets bounded (SelfModifyingTitans.bounded_targets; our addition, see there)
