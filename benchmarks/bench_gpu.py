@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--heads", type=int, help="delta rule heads (default: the model width's)")
     p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="also HOPE with its Titans chunk step compiled")
+    p.add_argument("--compile", action="store_true", help="also HOPE with titans_compile='inductor' (its Titans layer calls compiled)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, fp32: a smoke run")
     p.add_argument("--out", type=Path, help="write the results as JSON")
     args = p.parse_args(argv)
