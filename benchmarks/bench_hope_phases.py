@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
     p.add_argument("--T", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="T = 64, one round (a smoke test)")
-    p.add_argument("--compile", action="store_true", help="the Titans chunk step compiled (titans_compile='inductor')")
+    p.add_argument("--compile", action="store_true", help="HOPE with titans_compile='inductor' (its Titans layer calls compiled)")
     args = p.parse_args(argv)
     if args.quick:
         args.T, args.rounds = 64, 1
@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
     finally:
         phases.undo()
     total = phases.seconds["step"]
-    form = ", Titans chunk step compiled" if args.compile else ""
+    form = ", titans_compile='inductor'" if args.compile else ""
     print(f"HOPE tiny training step{form}, T = {args.T}, batch 1, fp32, {args.threads} thread(s), "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}: {args.T * args.rounds / total:.0f} tokens/s")
     print(f"{'phase':58s} {'ms':>9} {'share':>7}")
