@@ -37,8 +37,10 @@ state starts from them and gradients reach them through the whole in-context tra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import threading
 
 import torch
 import torch.nn as nn
@@ -55,6 +57,19 @@ from .self_modifying_memories import LinearSelfModifyingMemories, MLPSelfModifyi
 from .state import LayerState
 
 OBJECTIVES = ("l2", "dot")
+_SECOND_ORDER = threading.local()  # .on: set by second_order_calls
+
+
+@contextlib.contextmanager
+def second_order_calls():
+    """Within it, layer calls that ``compile_whole_chunk_calls`` would compile run as before: a backward with
+    ``create_graph`` (second order) must go through them, and a compiled graph has no double backward."""
+    before = getattr(_SECOND_ORDER, "on", False)
+    _SECOND_ORDER.on = True
+    try:
+        yield
+    finally:
+        _SECOND_ORDER.on = before
 OP_MODES = ("fused", "chunk", "recurrent")
 MEMORIES = {"linear": LinearSelfModifyingMemories, "mlp": MLPSelfModifyingMemories}
 
@@ -270,7 +285,8 @@ class SelfModifyingTitans(nn.Module):
         Against the compiled chunk step alone, HOPE tiny's training step (T=512, 2 threads, passive OpenMP waiting,
         the two alternating step by step in one process, 12 steps each) took 686 against 742 ms median, 653 against
         697 fastest. If compilation fails, a warning is issued and such calls run as before; ``backend=None``
-        switches back."""
+        switches back. A compiled graph has no double backward: inside :func:`second_order_calls` (a CMS language
+        model in meta mode enters it) such calls run as before."""
         if backend is not None and not self.fused:
             raise ValueError("compile_whole_chunk_calls needs the MLP memories in op_mode='fused'")
         self.whole_chunk_backend = backend
@@ -279,6 +295,7 @@ class SelfModifyingTitans(nn.Module):
     def _compiles_call(self, x: torch.Tensor, state) -> bool:
         return (
             self.whole_chunk_backend is not None
+            and not getattr(_SECOND_ORDER, "on", False)
             and not torch.compiler.is_compiling()
             and x.shape[1] == self.chunk_size
             and (state is None or state.pos == 0)

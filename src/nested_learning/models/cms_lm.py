@@ -49,6 +49,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from nested_learning.memory.cms import ContinuumMemorySystem, segment_bounds
 from nested_learning.memory.cms_chain_read import ChainRead
 from nested_learning.memory.self_modifying_chunk_grad import inputs_only_gradients
+from nested_learning.memory.self_modifying_titans import second_order_calls
 from nested_learning.memory.state import LayerState
 from nested_learning.models.base import LanguageModel, ModelOutput, check_input_ids, check_labels
 from nested_learning.models.layers import RMSNorm
@@ -300,8 +301,9 @@ class CMSLanguageModel(LanguageModel):
         x_all = self.embed(ids)
         head = SegmentedHead(ids.shape, W, direct, keep_probs=direct and outer and labels is not None)
         mixers, cms, start, position = list(state.mixers), list(state.cms), 0, state.position
-        # segment after segment of small ops: on one thread when idle threads sleep (the head takes them back)
-        with one_thread_if_threads_sleep(ids.device):
+        # segment after segment of small ops: on one thread when idle threads sleep (the head takes them back);
+        # meta mode differentiates the mixers' backward again, which compiled layer calls do not support
+        with one_thread_if_threads_sleep(ids.device), second_order_calls() if meta else contextlib.nullcontext():
             for a, b in segment_bounds(ids.shape[1], C, split=learn):
                 ends_on_boundary = b % C == 0
                 inner = learn and ends_on_boundary and b - a > 1
