@@ -7,8 +7,9 @@ alternating step by step, so both see the same machine state; medians of ``--ste
 Two models: HOPE tiny (dim 128, 2 layers, vocab 32000, GELU levels), T = 512, a training step
 ``model(x, labels=x).loss.backward()``; and a random ``transformers`` Llama with SmolLM2-135M's widths (dim 576, MLP
 1536, 6 layers, vocab 8192) Hope-ified (Sec 7.3: SwiGLU levels, chunks 16 / 64), T = 256, a training step and a
-no-grad stream call (the levels still learn: the continual-learning evaluation's path). Freed memory is kept in the
-heap, as the trainer keeps it. Passive OpenMP waiting unless ``OMP_WAIT_POLICY`` is set.
+no-grad stream call (the levels still learn: the continual-learning evaluation's path; no-grad calls read op by op
+whatever the switch, so this row checks that nothing changed there). Freed memory is kept in the heap, as the
+trainer keeps it. Passive OpenMP waiting unless ``OMP_WAIT_POLICY`` is set.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ through the weights stays intact. Each level accumulates its segment gradients a
 its chunk ends (``ContinuumMemorySystem.step``). Since a level is constant over its chunk, summing segment gradients
 is exact; the only pairs left out are the C/C_min - 1 pairs (last token of a segment, first of the next) that cross a
 segment boundary inside a level's chunk. ``objective="next_input"`` uses the CMS's own local objective instead.
-In first order each block's chain is read as one autograd node (``memory/cms_chain_read.py``): the call then asks for
-the gradient at the read's input, and the node hands over its levels' weight gradients (the same outer products).
+While training in first order each block's chain is read as one autograd node (``memory/cms_chain_read.py``): the
+call then asks for the gradient at the read's input, and the node hands over its levels' weight gradients (the same
+outer products).
 
 Modes: ``"first_order"`` detaches the inner gradients (the outer optimizer still learns the slow initial weights
 through the identity path of theta = theta_0 - eta * sum g, and eta through eta * g); ``"meta"`` keeps their graph
@@ -99,9 +100,10 @@ class CMSLanguageModel(LanguageModel):
     and ``out.loss`` their mean cross-entropy (the outer objective). ``model.set_test_time_updates(False)`` freezes
     every CMS level (the "CMS frozen" baseline; the mixers keep their own in-context memory).
 
-    ``fused_cms_read`` (default True): with the "lm" objective in first order, each block reads its CMS chain as
-    one autograd node whose backward writes every level's weight gradient (``memory/cms_chain_read.py``); False
-    reads it op by op with autograd's backward (the reference, equal to rounding).
+    ``fused_cms_read`` (default True): while training with the "lm" objective in first order, each block reads its
+    CMS chain as one autograd node whose backward writes every level's weight gradient
+    (``memory/cms_chain_read.py``); False reads it op by op with autograd's backward (the reference, equal to
+    rounding). No-grad calls read op by op either way.
     """
 
     fused_cms_read: bool = True
@@ -294,8 +296,10 @@ class CMSLanguageModel(LanguageModel):
         # head then stream one matrix instead of two
         Wt = (W if meta else W.detach()).t()
         kernel = (lambda: sdpa_kernel([SDPBackend.MATH])) if meta else contextlib.nullcontext
-        # the CMS chain as one node whose backward writes the weight gradients (first-order "lm" inner gradients)
-        fused = self.fused_cms_read and self.objective == "lm" and not meta
+        # the CMS chain as one node whose backward writes the weight gradients (first-order "lm" inner gradients);
+        # in training only: what it saves is mostly the outer backward's nodes, and in a no-grad stream the
+        # op-by-op read was as fast or faster (docs/results/bench_cms_read.md)
+        fused = self.fused_cms_read and self.objective == "lm" and not meta and outer
         # the backward is the segment loop's small ops in reverse: one thread too (restored when the pass ends)
         backward_span = BackwardOnOneThread(W)
         x_all = self.embed(ids)
