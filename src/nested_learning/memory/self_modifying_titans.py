@@ -57,6 +57,8 @@ from .self_modifying_memories import LinearSelfModifyingMemories, MLPSelfModifyi
 from .state import LayerState
 
 OBJECTIVES = ("l2", "dot")
+OP_MODES = ("fused", "chunk", "recurrent")
+MEMORIES = {"linear": LinearSelfModifyingMemories, "mlp": MLPSelfModifyingMemories}
 _SECOND_ORDER = threading.local()  # .on: set by second_order_calls
 
 
@@ -70,8 +72,6 @@ def second_order_calls():
         yield
     finally:
         _SECOND_ORDER.on = before
-OP_MODES = ("fused", "chunk", "recurrent")
-MEMORIES = {"linear": LinearSelfModifyingMemories, "mlp": MLPSelfModifyingMemories}
 
 
 @dataclasses.dataclass
