@@ -282,9 +282,9 @@ class SelfModifyingTitans(nn.Module):
         from the reference step (``fused_chunk_step``). Other calls run as before (with ``compile_chunk_step``'s
         compiled step if set). MLP memories in the fused mode only.
 
-        Against the compiled chunk step alone, HOPE tiny's training step (T=512, 2 threads, passive OpenMP waiting,
-        the two alternating step by step in one process, 12 steps each) took 686 against 742 ms median, 653 against
-        697 fastest. If compilation fails, a warning is issued and such calls run as before; ``backend=None``
+        Against the compiled chunk step alone, HOPE tiny trained at 822 against 753 tokens/s (T=512, 2 threads,
+        passive OpenMP waiting; 707 against 679 at 1 thread; ``benchmarks/bench_hope_chunk_step.py``, the forms
+        "compiled-layer" and "compiled-hand"). If compilation fails, a warning is issued and such calls run as before; ``backend=None``
         switches back. A compiled graph has no double backward: inside :func:`second_order_calls` (a CMS language
         model in meta mode enters it) such calls run as before."""
         if backend is not None and not self.fused:
