@@ -228,10 +228,14 @@ def run_worker(name: str, lengths: list[int], threads: int, reps: int, flops: bo
         if flops:
             from torch.utils.flop_counter import FlopCounterMode
 
+            # one torch thread while counting: the counter sees only its own thread's ops, and under passive
+            # waiting at several threads our chunk step runs part of its batch on worker threads
+            torch.set_num_threads(1)
             step()
             with FlopCounterMode(display=False) as counter:
                 step()
             out[T] = counter.get_total_flops() / T
+            torch.set_num_threads(threads)
         else:
             out[T] = _time(step, reps)
     print("RESULT " + json.dumps(out))

@@ -80,7 +80,8 @@ def test_second_order_gradients_equal_autograd(request, split):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
-def test_without_gradients_it_is_the_plain_step():
+def test_without_gradients_it_is_the_plain_step(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # one part; the split: test_the_split_no_grad_step_is_the_plain_step
     inputs = [None if t is None else t.detach() for t in _step_inputs(True)]
     outs = cg.mlp_chunk_step_hand_grad(*inputs, "gelu", None)
     assert all(o.grad_fn is None for o in outs)
@@ -131,13 +132,13 @@ def test_the_batch_split_across_threads_gives_the_same_step(monkeypatch, two_rea
     inputs = _step_inputs(initial)
     assert inputs[0].shape[0] >= 2
     weights = [torch.randn_like(o) for o in mlp_chunk_step(*inputs, "gelu", clip)]
-    threads, forward = set(), cg._MLPChunkStep._forward
+    threads, forward = set(), cg.forward_values
 
-    def recording(ctx, *args):
+    def recording(*args):
         threads.add(threading.current_thread().name)
-        return forward(ctx, *args)
+        return forward(*args)
 
-    monkeypatch.setattr(cg._MLPChunkStep, "_forward", staticmethod(recording))
+    monkeypatch.setattr(cg, "forward_values", recording)
     split = _vjp(cg.mlp_chunk_step_hand_grad, inputs, "gelu", clip, weights)
     assert len(threads) == 2 and any(name.startswith("nested-learning-part") for name in threads)
     monkeypatch.setattr(cg, "side_by_side_parts", lambda device, n: 1)
@@ -153,3 +154,46 @@ def test_the_split_no_grad_step_is_the_plain_step(two_real_threads):
     inputs = [None if t is None else t.detach() for t in _step_inputs(True)]
     for a, b in zip(cg.mlp_chunk_step_hand_grad(*inputs, "gelu", None), mlp_chunk_step(*inputs, "gelu", None)):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_compiled_forward_and_backward_equal_the_eager_step(request, monkeypatch, split):
+    """``compile=`` runs ``forward_values`` and ``backward_values`` through torch.compile (aot_eager: the
+    compiler's tracing without building C++ kernels), still as the hand-written node and, under passive waiting at
+    two threads, still split across them: outputs and every input's gradient equal the eager step's."""
+    from nested_learning.memory import compiled_steps
+
+    if split:
+        request.getfixturevalue("two_real_threads")
+    seen = []
+    make = compiled_steps.compiled
+
+    def recording(fn, backend):
+        seen.append((fn.__name__, backend))
+        return make(fn, backend)
+
+    monkeypatch.setattr(cg, "compiled", recording)
+    monkeypatch.setattr(compiled_steps, "compiled", recording)
+    inputs = _step_inputs(True, N=4)
+    weights = [torch.randn_like(o) for o in mlp_chunk_step(*inputs, "gelu", 0.3)]
+    step = cg.mlp_chunk_step_hand_grad
+    outs, g = _vjp(lambda *a: step(*a, compile="aot_eager"), inputs, "gelu", 0.3, weights)
+    assert "MLPChunkStep" in type(outs[0].grad_fn).__name__
+    assert {("forward_values", "aot_eager"), ("backward_values", "aot_eager")} <= set(seen)
+    outs_ref, g_ref = _vjp(step, inputs, "gelu", 0.3, weights)
+    for a, b in zip([*outs, *g], [*outs_ref, *g_ref]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_backward_that_fails_to_compile_warns_and_runs_eagerly():
+    inputs = _step_inputs(False, seed=2)
+    weights = [torch.randn_like(o) for o in mlp_chunk_step(*inputs, "gelu", None)]
+    outs = cg.mlp_chunk_step_hand_grad(*inputs, "gelu", None)  # eager forward, as if it had compiled
+    outs[0].grad_fn.compile = "no_such_backend"  # the node's backend for its backward
+    loss = sum((o * w).sum() for o, w in zip(outs, weights))
+    live = [t for t in inputs if t is not None]
+    with pytest.warns(RuntimeWarning, match="backward .*running it eagerly"):
+        g = torch.autograd.grad(loss, live)
+    _, g_ref = _vjp(cg.mlp_chunk_step_hand_grad, inputs, "gelu", None, weights)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
