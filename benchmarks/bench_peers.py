@@ -31,9 +31,11 @@ leaves glibc's malloc as it is.
    ``pilot_smoke`` config (dim 128, 2 layers, 4 heads, vocab 32000) doing its training step with memory writes
    (``training.run_training_loop`` without online chunking: forward with block outputs, cross-entropy, per-layer
    teach signals, backward, then the no-grad forward that writes the memories); a Transformer++ with as many
-   parameters as our HOPE (its MLP widened to match), and a tied embedding and head alone (no layers: the least
-   any of these models computes per token). Ours also with ``titans_compile="inductor"``. No optimizer step in any
-   of them.
+   parameters as our HOPE (its MLP widened to match), a tied embedding and head alone (no layers: the least
+   any of these models computes per token), and that head as our HOPE runs it, segment by segment of 16 tokens
+   (logits, softmax and ``softmax @ W`` per segment for the CMS levels' inner gradient: the least our HOPE
+   computes, so its rate over the Transformer++'s bounds HOPE's ratio from above). Ours also with
+   ``titans_compile="inductor"``. No optimizer step in any of them.
 """
 
 from __future__ import annotations
@@ -159,6 +161,34 @@ def worker_head_only(T: int):
     return step
 
 
+def worker_head_per_segment(T: int):
+    """The tied embedding and head as our HOPE runs them, no layers: per segment (16 tokens, HOPE tiny's fastest
+    CMS chunk) the logits, their softmax and ``softmax @ W``, which the CMS levels' inner gradient (the "lm"
+    objective) needs before the next segment can run, then the loss's backward for the whole call
+    (``models/tied_head.py``, as ``CMSLanguageModel`` calls it). Our HOPE computes at least this, so its rate
+    bounds HOPE's against the Transformer++ from above."""
+    import torch
+    import torch.nn.functional as F
+
+    from nested_learning.models.registry import build_model
+    from nested_learning.models.tied_head import SegmentedHead
+
+    with torch.device("meta"):
+        C = build_model("hope", "tiny", vocab_size=VOCAB).segment_size
+    W = torch.nn.Parameter(torch.randn(VOCAB, 128) * 0.02)
+    x = torch.randint(0, VOCAB, (1, T))
+
+    def step():
+        h = F.embedding(x, W)
+        head = SegmentedHead(x.shape, W, direct=True, keep_probs=True)
+        for a in range(0, T, C):
+            head.segment(h[:, a : a + C], W.detach().t(), a, min(a + C, T), need_probs=True)
+        head.finish(0, x)[1].backward()
+        W.grad = None
+
+    return step
+
+
 def worker_community_hope(T: int):
     import importlib.resources
 
@@ -195,6 +225,7 @@ WORKERS = {
     "ours_hope_compiled": worker_ours_hope_compiled,
     "transformer": worker_transformer,
     "head_only": worker_head_only,
+    "head_per_segment": worker_head_per_segment,
     "community_hope": worker_community_hope,
 }
 
@@ -320,6 +351,7 @@ def main() -> int:
         "ours_hope_compiled": (ours, hope_lengths, True),
         "transformer": (ours, hope_lengths, True),
         "head_only": (ours, hope_lengths, True),
+        "head_per_segment": (ours, hope_lengths, True),
         "community_hope": (args.hope_python, hope_lengths, False),
     }
     jobs = {k: v for k, v in jobs.items() if Path(v[0]).exists() or print(f"skipped {k}: no {v[0]}")}
@@ -362,6 +394,12 @@ def main() -> int:
         b, c, h = rate("community_hope", T), rate("transformer", T), rate("head_only", T)
         print(f"{T:>6} {fmt(a)} {fmt(d)} {fmt(b)} {fmt(c):>14} {fmt(h):>11} {fmt(ratio(a, b), True):>17}"
               f" {fmt(ratio(d, b), True):>20} {fmt(ratio(a, c), True):>11} {fmt(ratio(h, b), True):>17}")
+    print("\nthe head per 16-token segment alone (our HOPE's head work, no layers): an upper bound on HOPE / T++")
+    print(f"{'T':>6} {'head per segment':>17} {'Transformer++':>14} {'compiled HOPE / T++':>20}"
+          f" {'head per segment / T++':>23}")
+    for T in hope_lengths:
+        d, c, s = rate("ours_hope_compiled", T), rate("transformer", T), rate("head_per_segment", T)
+        print(f"{T:>6} {fmt(s):>17} {fmt(c):>14} {fmt(ratio(d, c), True):>20} {fmt(ratio(s, c), True):>23}")
     return 0
 
 

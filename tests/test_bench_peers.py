@@ -26,3 +26,8 @@ def test_flops_count_every_op_whatever_the_thread_count():
     res = [bench_peers.call(sys.executable, "ours_memory", [128], n, 1, True, "passive", flops=True) for n in (1, 2)]
     assert res[0] is not None and res[0][128] > 0
     assert res[1] == res[0]
+
+
+def test_the_head_per_segment_worker_reports_a_time():
+    res = bench_peers.call(sys.executable, "head_per_segment", [40], 1, 1, True, "passive")
+    assert res is not None and set(res) == {40} and 0 < res[40] < 60
