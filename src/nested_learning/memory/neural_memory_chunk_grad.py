@@ -7,7 +7,9 @@ are kept instead of recomputed, and elementwise terms are fused where autograd g
 pass. The product count is autograd's (twice the forward's); the forward also differs in one arrangement: the layer-2
 read scales its inputs by the per-token gate factors, ``[F q, B q, q] @ [W; S; W*]``, instead of scaling three
 (n, hidden) outputs. Forward and backward run their small ops on one thread when OpenMP's idle threads sleep
-(``ops.threads``), which the autograd graph of ``mlp_chunk_step`` cannot do for its backward.
+(``ops.threads``), which the autograd graph of ``mlp_chunk_step`` cannot do for its backward. Both are pure
+functions of tensors (``forward_values``, ``backward_values``), so ``torch.compile`` can take each whole
+(``compile=``), the backward still this module's.
 
 Reference: ``mlp_chunk_step`` differentiated by autograd, which this equals (tests: fp64, the gradient of every input,
 every activation, clipping on all, some and no tokens, retention toward the initial memory or zero). Under
