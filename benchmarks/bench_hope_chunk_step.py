@@ -9,7 +9,9 @@ run of a machine compiles for minutes, later runs reuse the cache), its backward
 (``titans_hand_backward=False``); "compiled-hand": the hand-written forward and backward, each compiled without
 autograd (``titans_compile="inductor", titans_compile_layer=False``); "compiled-layer": every segment's Titans layer
 call compiled whole, the compiler deriving its backward (``titans_compile="inductor"``, the default
-``titans_compile_layer=True``; the partial segments at a call's end take the compiled-hand step). HOPE tiny (dim 128, 2 layers,
+``titans_compile_layer=True``; the partial segments at a call's end take the compiled-hand step), its small products as
+loops of the compiler's own (``SelfModifyingTitans.whole_chunk_small_products``); "compiled-layer-bmm": the same
+with every product one library call, as before that option. HOPE tiny (dim 128, 2 layers,
 4 heads) with a 32,000 vocabulary, batch 1, fp32, ``model(x, labels=x).loss.backward()`` with test-time memory
 writes, fastest of ``--rounds`` interleaved rounds.
 """
@@ -33,13 +35,17 @@ VOCAB = 32000
 
 def build(form: str):
     torch.manual_seed(0)
-    hand = form in ("fused-hand", "compiled-hand", "compiled-layer")
+    hand = form in ("fused-hand", "compiled-hand", "compiled-layer", "compiled-layer-bmm")
     model = build_model("hope", "tiny", vocab_size=VOCAB, titans_hand_backward=hand)
     for block in model.blocks:
         block.mixer.op_mode = "chunk" if form == "chunk" else "fused"
     if not form.startswith("compiled"):
         return model
-    return model.compile_chunk_steps(whole_chunk_calls=form == "compiled-layer")
+    model.compile_chunk_steps(whole_chunk_calls=form.startswith("compiled-layer"))
+    if form == "compiled-layer-bmm":
+        for block in model.blocks:  # an instance attribute over the class default
+            block.mixer.whole_chunk_small_products = False
+    return model
 
 
 def main() -> None:
@@ -51,7 +57,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_cpu_memory()  # as the trainer does
     ids = torch.randint(0, VOCAB, (1, args.T))
-    forms = ("chunk", "fused", "fused-hand", "compiled", "compiled-hand", "compiled-layer")
+    forms = ("chunk", "fused", "fused-hand", "compiled", "compiled-hand", "compiled-layer", "compiled-layer-bmm")
     models = {form: build(form) for form in forms}
 
     def step(form):

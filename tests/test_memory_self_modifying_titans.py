@@ -271,7 +271,14 @@ def test_whole_chunk_calls_compiled_equal_eager_and_other_calls_run_as_before(mo
 
     calls = []
     compile_fn = self_modifying_titans.compiled
-    monkeypatch.setattr(self_modifying_titans, "compiled", lambda f, b: calls.append(f.__name__) or compile_fn(f, b))
+
+    def recording(f, backend, small_products=False):
+        calls.append(f.__name__)
+        assert small_products == layer_small_products  # the class default, or the instance's choice below
+        return compile_fn(f, backend, small_products)
+
+    monkeypatch.setattr(self_modifying_titans, "compiled", recording)
+    layer_small_products = True
     eager, _ = _fused_and_chunked()
     compiled, _ = _fused_and_chunked()
     compiled.compile_whole_chunk_calls("aot_eager")
@@ -296,6 +303,9 @@ def test_whole_chunk_calls_compiled_equal_eager_and_other_calls_run_as_before(mo
     _, s = compiled(x[:, :3])  # a partial chunk, then a call that starts inside a chunk: both as before
     compiled(x[:, 3:7], s)
     assert calls == []
+    compiled.whole_chunk_small_products = layer_small_products = False
+    compiled(x[:, :4])
+    assert calls == ["_forward"]
     with pytest.raises(ValueError, match="fused"):
         _layer("l2", 4, "linear").compile_whole_chunk_calls("aot_eager")
 

@@ -11,11 +11,38 @@ _CACHE: dict = {}
 _FAILED: set = set()  # (function, backend) pairs whose compilation failed: run eagerly from then on
 
 
-def compiled(step, backend: str):
-    """``step`` under ``torch.compile`` (static shapes, one graph), created once per function and backend."""
-    key = (step, backend)
+# inductor's CPU bounds for turning a batched product into a multiply and a sum it generates a loop for (batch size;
+# the other dimensions of a 2-D product); the pass leaves every product alone unless it is switched on
+_SMALL_PRODUCTS = {"cpu_max_first_dimension_decomposition": 64, "cpu_max_other_dimension_decomposition": 2048}
+
+
+def small_products_options() -> dict | None:
+    """inductor options under which the products of at most 64 small matrices (and 2-D products of at most 64 rows)
+    become loops of inductor's own, fused with their neighbours, instead of one library call each; None where this
+    torch has no such pass. At the self-modifying Titans' sizes (16-token chunks, 32-wide heads) a library call costs
+    10-40 us for a few hundred thousand FLOPs.
+
+    The pass reads its CPU bounds from module constants set at import time, so they are set here as well (they only
+    act while the pass is switched on, which these options do); the same values go into the options, and so into
+    the compiled-graph cache's key."""
+    try:
+        from torch._inductor.fx_passes import decompose_mem_bound_mm as small_products_pass
+    except ImportError:
+        return None
+    for name, value in _SMALL_PRODUCTS.items():
+        if not hasattr(small_products_pass, name):
+            return None
+        setattr(small_products_pass, name, max(getattr(small_products_pass, name), value))
+    return {"post_grad_fusion_options": {"decompose_mm_pass": dict(_SMALL_PRODUCTS)}}
+
+
+def compiled(step, backend: str, small_products: bool = False):
+    """``step`` under ``torch.compile`` (static shapes, one graph), created once per function, backend and
+    ``small_products`` (with inductor: ``small_products_options``)."""
+    key = (step, backend, small_products)
     if key not in _CACHE:
-        _CACHE[key] = torch.compile(step, backend=backend, dynamic=False, fullgraph=True)
+        options = small_products_options() if small_products and backend == "inductor" else None
+        _CACHE[key] = torch.compile(step, backend=backend, dynamic=False, fullgraph=True, options=options)
     return _CACHE[key]
 
 

@@ -127,6 +127,10 @@ class SelfModifyingTitans(nn.Module):
     The slow initial memories (Eq 72-73) and gate biases live in ``self.memories``.
     """
 
+    # compile_whole_chunk_calls with inductor: the graph's small products as loops of inductor's own, fused with
+    # their neighbours (compiled_steps.small_products_options); False: one library call each
+    whole_chunk_small_products: bool = True
+
     def __init__(
         self,
         dim: int,
@@ -284,8 +288,10 @@ class SelfModifyingTitans(nn.Module):
 
         Against the compiled chunk step alone, HOPE tiny trained at 822 against 753 tokens/s (T=512, 2 threads,
         passive OpenMP waiting; 707 against 679 at 1 thread; ``benchmarks/bench_hope_chunk_step.py``, the forms
-        "compiled-layer" and "compiled-hand"). If compilation fails, a warning is issued and such calls run as before; ``backend=None``
-        switches back. A compiled graph has no double backward: inside :func:`second_order_calls` (a CMS language
+        "compiled-layer" and "compiled-hand"). With inductor the graph's small batched products become loops of the
+        compiler's own (``whole_chunk_small_products``): 1.02-1.07x against one library call per product, at 1 and 2
+        threads, either OpenMP wait policy (the same benchmark, "compiled-layer" against "compiled-layer-bmm").
+        If compilation fails, a warning is issued and such calls run as before; ``backend=None`` switches back. A compiled graph has no double backward: inside :func:`second_order_calls` (a CMS language
         model in meta mode enters it) such calls run as before."""
         if backend is not None and not self.fused:
             raise ValueError("compile_whole_chunk_calls needs the MLP memories in op_mode='fused'")
@@ -306,7 +312,8 @@ class SelfModifyingTitans(nn.Module):
         if self._compiles_call(x, state):
             check_layer_input(x, self.dim)  # here: its test on the values would break the compiled graph
             try:
-                return compiled(SelfModifyingTitans._forward, self.whole_chunk_backend)(self, x, state, False)
+                call = compiled(SelfModifyingTitans._forward, self.whole_chunk_backend, self.whole_chunk_small_products)
+                return call(self, x, state, False)
             except Exception as err:  # e.g. no C compiler for inductor: the eager layer computes the same thing
                 warn_eager_fallback("self-modifying Titans layer", self.whole_chunk_backend, err, stacklevel=2)
                 self.whole_chunk_backend = None

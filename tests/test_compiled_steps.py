@@ -1,0 +1,44 @@
+"""``memory/compiled_steps.py``: one compiled copy per function and options, and the small-products option."""
+
+import torch
+
+from nested_learning.memory import compiled_steps
+
+
+def test_one_compiled_copy_per_function_backend_and_small_products(monkeypatch):
+    made = []
+
+    def fake_compile(fn, **kwargs):
+        made.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(compiled_steps, "_CACHE", {})
+
+    def step(x):
+        return x
+
+    for _ in range(2):
+        compiled_steps.compiled(step, "inductor")
+        compiled_steps.compiled(step, "inductor", small_products=True)
+        compiled_steps.compiled(step, "aot_eager", small_products=True)
+    assert len(made) == 3
+    assert made[0]["options"] is None and made[2]["options"] is None  # only inductor takes options
+    assert made[1]["options"] == compiled_steps.small_products_options()
+
+
+def test_small_products_become_loops_of_inductors_own():
+    """Compiled with the option, a batched product of 20 small matrices is no library call in the generated code,
+    and it gives the eager values; the pass's CPU bounds are raised as the option says."""
+    from torch._inductor.fx_passes import decompose_mem_bound_mm
+    from torch._inductor.utils import run_and_get_code
+
+    def product(a, b):
+        return torch.bmm(a, b).relu()
+
+    a, b = torch.randn(20, 16, 8), torch.randn(20, 8, 12)
+    with torch._inductor.config.patch(fx_graph_cache=False):  # generate the code, so that it can be read
+        out, code = run_and_get_code(compiled_steps.compiled(product, "inductor", small_products=True), a, b)
+    assert "extern_kernels.bmm" not in "\n".join(code)
+    torch.testing.assert_close(out, torch.bmm(a, b).relu())
+    assert decompose_mem_bound_mm.cpu_max_first_dimension_decomposition >= 64
