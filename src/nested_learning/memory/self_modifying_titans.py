@@ -291,8 +291,9 @@ class SelfModifyingTitans(nn.Module):
         "compiled-layer" and "compiled-hand"). With inductor the graph's small batched products become loops of the
         compiler's own (``whole_chunk_small_products``): 1.02-1.07x against one library call per product, at 1 and 2
         threads, either OpenMP wait policy (the same benchmark, "compiled-layer" against "compiled-layer-bmm").
-        If compilation fails, a warning is issued and such calls run as before; ``backend=None`` switches back. A compiled graph has no double backward: inside :func:`second_order_calls` (a CMS language
-        model in meta mode enters it) such calls run as before."""
+        If compilation fails, a warning is issued and such calls run as before; ``backend=None`` switches back. A
+        compiled graph has no double backward: inside :func:`second_order_calls` (a CMS language model in meta mode
+        enters it) such calls run as before."""
         if backend is not None and not self.fused:
             raise ValueError("compile_whole_chunk_calls needs the MLP memories in op_mode='fused'")
         self.whole_chunk_backend = backend
