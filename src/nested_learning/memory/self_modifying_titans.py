@@ -286,9 +286,9 @@ class SelfModifyingTitans(nn.Module):
         from the reference step (``fused_chunk_step``). Other calls run as before (with ``compile_chunk_step``'s
         compiled step if set). MLP memories in the fused mode only.
 
-        Against the compiled chunk step alone, HOPE tiny trained at 822 against 753 tokens/s (T=512, 2 threads,
-        passive OpenMP waiting; 707 against 679 at 1 thread; ``benchmarks/bench_hope_chunk_step.py``, the forms
-        "compiled-layer" and "compiled-hand"). With inductor the graph's small batched products become loops of the
+        Against the compiled chunk step alone, HOPE tiny trained at 869 against 737 tokens/s (T=512, 2 threads,
+        passive OpenMP waiting; 796 against 692 at 1 thread; ``benchmarks/bench_hope_chunk_step.py``, the forms
+        "compiled-layer" and "compiled-hand", docs/results/bench_hope_chunk_step.md). With inductor the graph's small batched products become loops of the
         compiler's own (``whole_chunk_small_products``): 1.02-1.07x against one library call per product, at 1 and 2
         threads, either OpenMP wait policy (the same benchmark, "compiled-layer" against "compiled-layer-bmm").
         If compilation fails, a warning is issued and such calls run as before; ``backend=None`` switches back. A
