@@ -21,7 +21,11 @@ OpenMP threads wait passively by default (``--omp-wait passive``, i.e. OMP_WAIT_
 cores are shared with other jobs, spinning threads that get descheduled make small ops many times slower and the
 timings erratic. ``--omp-wait default`` leaves the policy unset (OpenMP spins a while, then sleeps: what a user gets
 without setting anything), ``active`` spins. The chunked form adapts: under the passive policy it runs its recurrence
-and small solves on one thread, otherwise on the caller's threads.
+and small solves on one thread, otherwise on the caller's threads; and under the passive policy with several threads
+it runs the heads side by side, each part on a thread of its own (``ops/delta_rule_side_by_side.py``).
+
+``--split-ab`` then times that split against the unsplit form (``no_side_by_side()``), alternating run by run in one
+process, medians of ``--ab-runs`` runs each (only meaningful with passive waiting and several threads).
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ else:  # not given: an OMP_WAIT_POLICY already set is kept
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -59,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import matmul_flops_per_s, time_fn  # noqa: E402
 
 from nested_learning.ops import delta_rule  # noqa: E402
+from nested_learning.ops.delta_rule_side_by_side import no_side_by_side, side_by_side_split  # noqa: E402
 
 B, H, D = 1, 4, 64
 
@@ -112,6 +120,11 @@ def main() -> None:
     )
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 512 2048 8192)")
     parser.add_argument("--no-backward", action="store_true", help="time the forward pass only")
+    parser.add_argument(
+        "--split-ab", action="store_true",
+        help="also time the heads split across threads against the unsplit form, alternating (passive waiting)",
+    )
+    parser.add_argument("--ab-runs", type=int, default=12, help="runs of each form in --split-ab")
     parser.add_argument(
         "--omp-wait", choices=("passive", "active", "default"),
         help="OpenMP wait policy of this run; 'default' leaves it unset (without the flag: OMP_WAIT_POLICY as set,"
@@ -167,6 +180,34 @@ def main() -> None:
     print(
         "GFLOP/s and fraction on the standard count 10Cd + 6d^2; executed: on the 12Cd + 6d^2 + 2d^3/C + C^2 performed"
     )
+    if args.split_ab:
+        split_ab(lengths, C, not args.no_backward, 2 if args.quick else args.ab_runs)
+
+
+def split_ab(lengths, C: int, backward: bool, runs: int) -> None:
+    """The heads side by side on threads of their own against the unsplit form, alternating run by run."""
+    parts = side_by_side_split(torch.zeros(B, max(lengths), H, 1), C)[0]
+    print(f"\nheads side by side ({parts} parts) / unsplit, alternating, median of {runs} runs each")
+    if parts == 1:
+        print("no split here (it needs passive waiting, several threads and at least 4 chunks)")
+        return
+    print(f"{'T':>6} {'pass':>8} {'split ms':>10} {'whole ms':>10} {'speed-up':>9}")
+    for T in lengths:
+        for bwd in (False, True) if backward else (False,):
+            run = runner("chunk", T, C, bwd)
+            times = {True: [], False: []}
+            for i in range(2 * runs + 2):
+                split = i % 2 == 0
+                with contextlib.nullcontext() if split else no_side_by_side():
+                    start = time.perf_counter()
+                    run()
+                    if i >= 2:  # one warm-up each
+                        times[split].append(time.perf_counter() - start)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            print(
+                f"{T:>6} {'fwd+bwd' if bwd else 'fwd':>8} {med[True] * 1e3:>10.1f} {med[False] * 1e3:>10.1f}"
+                f" {med[False] / med[True]:>8.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ so with h = S^T it is S_t = e^{g_t} S_{t-1} + beta_t (v'_t - e^{g_t} S_{t-1} k_t
 (``to_fla_gated_delta_rule``; tested on CPU against fla's own torch reference). It is used for read="after", fp32 or
 lower precision inputs and alpha >= FLA_MIN_ALPHA (beta = eta / alpha must stay moderate); everything else, and any
 machine without fla, runs the chunked form of this package. ``backend="native"`` always does.
+
+CPU threads: under passive OpenMP waiting with several threads (and at least 4 chunks), the chunked form runs its
+independent memories -- the heads, or with one head the batch's sequences -- side by side on threads of their own
+(``delta_rule_side_by_side``), forward and backward; the results equal the unsplit form's to rounding.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 
 from ._common import check_inputs, check_options, compute_dtype
 from .delta_rule_chunk import delta_rule_chunk
+from .delta_rule_side_by_side import delta_rule_side_by_side, side_by_side_split
 
 
 def delta_rule(
@@ -79,8 +84,17 @@ def delta_rule(
         if mode == "recurrent":
             o, S = _delta_rule_recurrent(q, k, v, eta, alpha, initial_state, read, dtype)
         else:
-            o, S = delta_rule_chunk(q, k, v, eta, alpha, initial_state, chunk_size, read, dtype)
+            parts, axis = side_by_side_split(q, chunk_size)
+            if parts > 1:  # passive OpenMP waiting: the independent memories on threads of their own
+                run = functools.partial(_chunk_with, chunk_size=chunk_size, read=read, dtype=dtype)
+                o, S = delta_rule_side_by_side(run, parts, axis, q, k, v, eta, alpha, initial_state)
+            else:
+                o, S = delta_rule_chunk(q, k, v, eta, alpha, initial_state, chunk_size, read, dtype)
     return o.to(q.dtype), (S if output_final_state else None)
+
+
+def _chunk_with(q, k, v, eta, alpha, initial_state, *, chunk_size, read, dtype):
+    return delta_rule_chunk(q, k, v, eta, alpha, initial_state, chunk_size, read, dtype)
 
 
 def _delta_rule_recurrent(q, k, v, eta, alpha, initial_state, read, dtype):

@@ -178,9 +178,11 @@ def chunk_scan_values(A: torch.Tensor, Bc: torch.Tensor, R0: torch.Tensor) -> to
     N = A.shape[0]
     out = R0.new_empty(N + 1, *R0.shape)
     out[0] = R0
+    # the views made once, not per step: each index is a Python call, and the loop is the op's sequential part
+    As, Bs, states = A.unbind(0), Bc.unbind(0), out.unbind(0)
     with _one_thread(R0.device):
         for n in range(N):
-            torch.baddbmm(Bc[n], A[n], out[n], out=out[n + 1])
+            torch.baddbmm(Bs[n], As[n], states[n], out=states[n + 1])
     return out
 
 
@@ -190,9 +192,10 @@ def chunk_scan_state_grads(A: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     N = A.shape[0]
     dR = torch.empty_like(grad)
     dR[N] = grad[N]
+    As, G, dRs = A.mT.unbind(0), grad.unbind(0), dR.unbind(0)
     with _one_thread(grad.device):
         for n in range(N - 1, -1, -1):
-            torch.baddbmm(grad[n], A[n].mT, dR[n + 1], out=dR[n])
+            torch.baddbmm(G[n], As[n], dRs[n + 1], out=dRs[n])
     return dR
 
 
