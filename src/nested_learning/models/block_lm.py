@@ -25,6 +25,7 @@ from nested_learning.models.base import (
 )
 from nested_learning.models.layers import RMSNorm
 from nested_learning.models.state_checks import check_state, leaves, signature
+from nested_learning.ops.fast_linear import head_linear
 
 
 @dataclasses.dataclass
@@ -102,7 +103,7 @@ class BlockLM(LanguageModel):
         for block, st in zip(self.blocks, layer_states):
             x, st = block(x, st)
             new_states.append(st)
-        logits = self.head(self.norm(x))
+        logits = head_linear(self.norm(x), self.head.weight)  # self.head(...), oneDNN's kernel where it applies
         loss = lm_loss(logits, labels) if labels is not None else None
         new_state = LMState(new_states, position + input_ids.shape[1])
         # in eval mode the state leaves the graph unless asked (keep_state_graph): a stream fed piece by piece

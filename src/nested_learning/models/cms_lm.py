@@ -56,6 +56,7 @@ from nested_learning.models.base import LanguageModel, ModelOutput, check_input_
 from nested_learning.models.layers import RMSNorm
 from nested_learning.models.state_checks import check_cms_lm_call
 from nested_learning.models.tied_head import SegmentedHead
+from nested_learning.ops.fast_linear import linear
 from nested_learning.ops.threads import BackwardOnOneThread, one_thread_if_threads_sleep
 
 OBJECTIVES = ("lm", "next_input")
@@ -232,8 +233,9 @@ class CMSLanguageModel(LanguageModel):
                 dh = probs.to(W.dtype) @ W
             elif probs_W is not None:
                 dh = probs_W.transpose(0, 1)
-            else:  # time-major (S-1, B, V): one plain GEMM
-                dh = (probs.to(W.dtype) @ W).transpose(0, 1)
+            else:  # time-major (S-1, B, V): one plain product
+                rows = probs.to(W.dtype).reshape(-1, probs.shape[-1])
+                dh = linear(rows, W.t()).view(*probs.shape[:-1], -1).transpose(0, 1)
             dh = F.pad(dh - F.embedding(ids[:, 1:], W), (0, 0, 0, 1))  # (softmax - onehot(x_{t+1})) W
         # a fused read (ChainRead) puts its levels' weight gradients in its sink when asked for its input's gradient
         reads = [c for c in caches if isinstance(c, ChainRead)]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nested_learning.ops.fast_linear import linear
 from nested_learning.ops.threads import caller_threads
 
 
@@ -84,18 +85,20 @@ class TiedHead(torch.autograd.Function):
             h_scaled = hd * scale[..., None]  # the scale goes on the small factor of each product
             if want_h:
                 if pW is None:
-                    pW = (rows @ W).view(T, B, -1)
+                    pW = linear(rows, W.t()).view(T, B, -1)
                 dh = scale[..., None] * (pW.transpose(0, 1) - F.embedding(target, W))
             if want_W:
-                dW = rows.T @ h_scaled.transpose(0, 1).reshape(T * B, -1)
+                # rows^T h_scaled as (h_scaled^T rows)^T: both operands read as stored (fast_linear)
+                dW = linear(h_scaled.transpose(0, 1).reshape(T * B, -1).t(), rows.t()).t().contiguous()
                 dW.index_add_(0, target.reshape(-1), h_scaled.reshape(B * T, -1), alpha=-1)
         if g_logits is not None:
-            g = g_logits.to(W.dtype)
+            g = g_logits.to(W.dtype).contiguous()
             if want_h:
-                dh = g @ W if dh is None else dh + g @ W
+                gW = linear(g.flatten(0, -2), W.t()).view_as(hd)
+                dh = gW if dh is None else dh + gW
             if want_W:
-                extra = g.flatten(0, -2).T @ hd.flatten(0, -2)
-                dW = extra if dW is None else dW + extra
+                extra = linear(hd.flatten(0, -2).t(), g.flatten(0, -2).t()).t()
+                dW = extra.contiguous() if dW is None else dW + extra
         if dh is not None:
             dh = dh.to(h.dtype)
         return dh, dW, None, None, None, None, None
@@ -143,23 +146,21 @@ class SegmentedHead:
                 p = self._probs_block(a, b)
                 S, B, V = p.shape
                 with torch.autocast(h.device.type, enabled=False):  # the buffers have the head's dtype
-                    # one 2-D GEMM into a contiguous block (matmul with a strided input and out= is ~3x slower)
-                    if B == 1:  # time-major and batch-major blocks coincide: the GEMM writes the logits, then
-                        torch.mm(hd.reshape(S, -1), Wt, out=logits.view(S, V))  # one pass writes their softmax
-                        lse = softmax_into(p, logits.view(S, 1, V)).transpose(0, 1)
+                    # one 2-D product (oneDNN where it applies, ops/fast_linear.py), copied into the buffers
+                    if B == 1:  # time-major and batch-major blocks coincide: one pass writes their softmax
+                        z = linear(hd.reshape(S, -1), Wt.t())
+                        logits.view(S, V).copy_(z)
+                        lse = softmax_into(p, z.view(S, 1, V)).transpose(0, 1)
                     else:
-                        torch.mm(hd.transpose(0, 1).reshape(S * B, -1), Wt, out=p.view(S * B, V))
+                        p.view(S * B, V).copy_(linear(hd.transpose(0, 1).reshape(S * B, -1), Wt.t()))
                         logits.copy_(p.transpose(0, 1))
                         lse = softmax_into(p).transpose(0, 1)
                 if self.probs_W is not None:
                     with torch.autocast(h.device.type, enabled=False):
-                        torch.mm(p.view(S * B, V), self.W.detach(), out=self.probs_W[a:b].view(S * B, -1))
+                        self.probs_W[a:b].view(S * B, -1).copy_(linear(p.view(S * B, V), self.W.detach().t()))
             else:
                 with torch.autocast(h.device.type, enabled=False):
-                    if logits.is_contiguous():
-                        torch.matmul(hd, Wt, out=logits)
-                    else:
-                        logits.copy_(hd @ Wt)
+                    logits.copy_(linear(hd.reshape(-1, hd.shape[-1]), Wt.t()).view_as(logits))
                 lse, p = torch.logsumexp(logits, dim=-1), None
             self.h.append(h)
             self.lse.append(lse)

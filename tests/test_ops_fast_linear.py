@@ -1,0 +1,94 @@
+"""The head's products through oneDNN (``ops/fast_linear.py``) against PyTorch's own, values and gradients, and the
+cases that fall back to PyTorch's product."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nested_learning.models import build_model
+from nested_learning.ops import fast_linear as fl
+
+needs_onednn = pytest.mark.skipif(fl._kernel() is None, reason="this PyTorch has no oneDNN linear kernel")
+
+
+def _layouts(M, K, N, seed=0):
+    """(x, w) pairs with x @ w.T: (M, N), each operand contiguous or a transposed view."""
+    gen = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen)
+    return [(x, w), (x.t().contiguous().t(), w), (x, w.t().contiguous().t()), (x.t().contiguous().t(), w.t().contiguous().t())]
+
+
+@needs_onednn
+@pytest.mark.parametrize("M, K, N", [(16, 128, 3000), (1, 64, 7), (37, 300, 129)])
+def test_linear_equals_the_library_product(M, K, N):
+    """Against the exact (fp64) product, oneDNN's fp32 result is as close as PyTorch's own (both round sums of K
+    products in some order)."""
+    for x, w in _layouts(M, K, N):
+        assert fl.onednn_applies(x, w)
+        exact = x.double() @ w.double().t()
+        err_fast = (fl.linear(x, w).double() - exact).abs().max().item()
+        err_library = (x @ w.t() - exact).abs().max().item()
+        assert err_fast <= 4 * err_library + 1e-6 * exact.abs().max().item()
+
+
+def test_fallbacks_are_the_library_product(monkeypatch):
+    x, w = torch.randn(5, 8), torch.randn(6, 8)
+    with fl.library_products():
+        assert not fl.onednn_applies(x, w)
+    assert not fl.onednn_applies(x.double(), w.double())
+    assert not fl.onednn_applies(x[None], w)  # 2-D operands only
+    assert not fl.onednn_applies(x[:0], w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fl.onednn_applies(x, w)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not fl.onednn_applies(x, w)
+    monkeypatch.undo()
+    assert torch.equal(fl.linear(x.double(), w.double()), x.double() @ w.double().t())
+    with fl.library_products():
+        assert torch.equal(fl.linear(x, w), x @ w.t())
+
+
+@pytest.mark.parametrize("expanded", [False, True])
+def test_head_linear_gradients_equal_f_linear(expanded):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 9, 16, generator=gen, requires_grad=True)
+    w = torch.randn(40, 16, generator=gen, requires_grad=True)
+    outs = []
+    for fn in (fl.head_linear, F.linear):
+        y = fn(x, w)
+        # a sum hands the backward a stride-0 gradient
+        loss = y.sum() if expanded else (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(2))).sum()
+        outs.append((y, *torch.autograd.grad(loss, (x, w))))
+    if fl._kernel() is not None:
+        assert outs[0][0].grad_fn is not None and "HeadLinear" in str(outs[0][0].grad_fn.next_functions)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_head_linear_second_order_equals_f_linear():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 12, generator=gen, requires_grad=True)
+    w = torch.randn(20, 12, generator=gen, requires_grad=True)
+    second = []
+    for fn in (fl.head_linear, F.linear):
+        g = torch.autograd.grad(fn(x, w).square().sum(), (x, w), create_graph=True)
+        second.append(torch.autograd.grad(sum(t.square().sum() for t in g), (x, w)))
+    for a, b in zip(*second):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["transformer", "hope"])
+def test_models_train_the_same_with_either_product(name):
+    """A training step's loss and gradients with the head's products through oneDNN equal those with PyTorch's own
+    (HOPE: the segment head's logits, softmax @ W and the tied weight's gradient; the Transformer++: its head)."""
+    x = torch.randint(0, 500, (1, 64), generator=torch.Generator().manual_seed(4))
+    results = []
+    for context in (fl.library_products, lambda: torch.enable_grad()):
+        torch.manual_seed(0)
+        model = build_model(name, "tiny", vocab_size=500)
+        with context():
+            out = model(x, labels=x)
+            out.loss.backward()
+        results.append((out.loss.detach(), out.logits.detach(), model.embed.weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
