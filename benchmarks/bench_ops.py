@@ -63,7 +63,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import matmul_flops_per_s, time_fn  # noqa: E402
+from _timing import matmul_flops_per_s, onednn_matmul_flops_per_s, time_fn  # noqa: E402
 
 from nested_learning.ops import delta_rule  # noqa: E402
 from nested_learning.ops.delta_rule_side_by_side import no_side_by_side, side_by_side_split  # noqa: E402
@@ -180,6 +180,9 @@ def main() -> None:
     print(
         "GFLOP/s and fraction on the standard count 10Cd + 6d^2; executed: on the 12Cd + 6d^2 + 2d^3/C + C^2 performed"
     )
+    onednn = onednn_matmul_flops_per_s(iters=iters + 2)
+    if onednn is not None:
+        print(f"matmul is PyTorch's (torch.mm); the same product through oneDNN ran at {onednn / 1e9:.1f} GFLOP/s")
     if args.split_ab:
         split_ab(lengths, C, not args.no_backward, 2 if args.quick else args.ab_runs)
 

@@ -146,16 +146,19 @@ def worker_transformer(T: int):
 
 def worker_head_only(T: int):
     """A tied embedding and LM head alone (dim 128, vocab 32000): embedding, logits, cross-entropy and their
-    backward, no layers. Every model in the HOPE table runs at least this."""
+    backward, no layers, the products as this package's models take them (``ops/fast_linear.py``). Every model in
+    the HOPE table runs at least this."""
     import torch
     import torch.nn.functional as F
+
+    from nested_learning.ops.fast_linear import head_linear
 
     W = torch.nn.Parameter(torch.randn(VOCAB, 128) * 0.02)
     x = torch.randint(0, VOCAB, (1, T))
 
     def step():
         h = F.embedding(x[0, :-1], W)
-        F.cross_entropy(h @ W.T, x[0, 1:]).backward()
+        F.cross_entropy(head_linear(h, W), x[0, 1:]).backward()
         W.grad = None
 
     return step
