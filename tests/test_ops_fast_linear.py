@@ -92,3 +92,16 @@ def test_models_train_the_same_with_either_product(name):
         results.append((out.loss.detach(), out.logits.detach(), model.embed.weight.grad.clone()))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_kernel_that_fails_falls_back_for_good(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no kernel for this CPU")
+
+    monkeypatch.setitem(fl._KERNEL, "fn", broken)
+    monkeypatch.setitem(fl._KERNEL, "looked", True)
+    x, w = torch.randn(4, 8), torch.randn(5, 8)
+    with pytest.warns(RuntimeWarning, match="oneDNN"):
+        y = fl.linear(x, w)
+    assert torch.equal(y, x @ w.t())
+    assert not fl.onednn_applies(x, w)  # not tried again

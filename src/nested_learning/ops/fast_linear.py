@@ -18,6 +18,7 @@ chooses its own kernels), for tensor subclasses (e.g. FSDP's DTensor), where thi
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +77,12 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x @ w.T`` for ``x: (M, K)``, ``w: (N, K)``, any strides, without autograd: oneDNN's kernel where it applies
     (``onednn_applies``), else ``torch.mm``. The reference is ``x @ w.T``, which it equals to rounding."""
     if onednn_applies(x, w):
-        with torch.no_grad():
-            return _kernel()(x.detach(), w.detach(), None, "none", [], "")
+        try:
+            with torch.no_grad():
+                return _kernel()(x.detach(), w.detach(), None, "none", [], "")
+        except RuntimeError as err:  # a build whose oneDNN cannot run here: PyTorch's product from now on
+            _KERNEL["fn"] = None
+            warnings.warn(f"oneDNN's linear kernel failed ({err}); using torch.mm", RuntimeWarning, stacklevel=2)
     return x @ w.t()
 
 
