@@ -52,15 +52,6 @@ def test_hand_backward_equals_autograd(activation, clip, initial):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
 
 
-@pytest.fixture
-def two_real_threads(monkeypatch):
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("split", [False, True])
 def test_second_order_gradients_equal_autograd(request, split):
     """Under create_graph the step's backward is differentiable again: gradients of a function of the first

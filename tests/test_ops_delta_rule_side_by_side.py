@@ -13,15 +13,6 @@ from nested_learning.ops.delta_rule_chunk import delta_rule_chunk
 NAMES = ("q", "k", "v", "eta", "alpha", "S0")
 
 
-@pytest.fixture
-def two_sleeping_threads(monkeypatch):
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def _whole(inputs, chunk_size, read):
     o, S = delta_rule_chunk(*inputs, chunk_size, read, torch.float64)
     return o, S
@@ -44,7 +35,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("B, H, T, alpha, init, read", CASES)
-def test_split_equals_the_whole_sequence_form(two_sleeping_threads, B, H, T, alpha, init, read):
+def test_split_equals_the_whole_sequence_form(two_real_threads, B, H, T, alpha, init, read):
     inputs = make_inputs(B, T, H, 6, 5, alpha=alpha, init=init, requires_grad=True)
     parts, axis = sbs.side_by_side_split(inputs[0], 4)
     assert parts == 2 and axis == (2 if H > 1 else 0)
@@ -57,7 +48,7 @@ def test_split_equals_the_whole_sequence_form(two_sleeping_threads, B, H, T, alp
         torch.testing.assert_close(a, b, rtol=0, atol=1e-11, msg=name)
 
 
-def test_some_inputs_without_gradient_and_one_output_used(two_sleeping_threads):
+def test_some_inputs_without_gradient_and_one_output_used(two_real_threads):
     q, k, v, eta, alpha, S0 = make_inputs(1, 40, 4, 6, 5)
     q.requires_grad_()
     o, _ = delta_rule(q, k, v, eta, alpha, S0, chunk_size=4)
@@ -67,7 +58,7 @@ def test_some_inputs_without_gradient_and_one_output_used(two_sleeping_threads):
     torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-11)
 
 
-def test_a_retained_graph_gives_the_same_gradients_twice(two_sleeping_threads):
+def test_a_retained_graph_gives_the_same_gradients_twice(two_real_threads):
     inputs = make_inputs(1, 40, 2, 6, 5, requires_grad=True)
     o, S = delta_rule(*inputs, chunk_size=4)
     loss = o.sum() + S.square().sum()
@@ -77,7 +68,7 @@ def test_a_retained_graph_gives_the_same_gradients_twice(two_sleeping_threads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_second_order_gradients_equal_the_whole_form(two_sleeping_threads):
+def test_second_order_gradients_equal_the_whole_form(two_real_threads):
     """Under create_graph the backward is autograd through the unsplit form: gradients of a function of the first
     gradients agree with the whole form's."""
     inputs = make_inputs(1, 36, 2, 5, 4, requires_grad=True)
@@ -90,7 +81,7 @@ def test_second_order_gradients_equal_the_whole_form(two_sleeping_threads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
 
 
-def test_without_gradients_and_in_inference_mode(two_sleeping_threads):
+def test_without_gradients_and_in_inference_mode(two_real_threads):
     inputs = make_inputs(2, 40, 3, 6, 5)
     o_ref, S_ref = _whole(inputs, 4, "after")
     for context in (torch.no_grad, torch.inference_mode):
