@@ -105,3 +105,12 @@ def test_a_kernel_that_fails_falls_back_for_good(monkeypatch):
         y = fl.linear(x, w)
     assert torch.equal(y, x @ w.t())
     assert not fl.onednn_applies(x, w)  # not tried again
+
+
+def test_a_replaced_head_is_called_as_it_is():
+    model = build_model("transformer", "tiny", vocab_size=50)
+    model.head = torch.nn.Linear(model.dim, 50, bias=True)
+    calls = []
+    model.head.register_forward_hook(lambda module, args, out: calls.append(out))
+    logits = model(torch.randint(0, 50, (1, 8))).logits
+    assert len(calls) == 1 and torch.equal(logits, calls[0])

@@ -103,7 +103,10 @@ class BlockLM(LanguageModel):
         for block, st in zip(self.blocks, layer_states):
             x, st = block(x, st)
             new_states.append(st)
-        logits = head_linear(self.norm(x), self.head.weight)  # self.head(...), oneDNN's kernel where it applies
+        h = self.norm(x)
+        # the plain tied head's product through oneDNN where it applies (ops/fast_linear.py); a replaced head as it is
+        plain = type(self.head) is nn.Linear and self.head.bias is None
+        logits = head_linear(h, self.head.weight) if plain else self.head(h)
         loss = lm_loss(logits, labels) if labels is not None else None
         new_state = LMState(new_states, position + input_ids.shape[1])
         # in eval mode the state leaves the graph unless asked (keep_state_graph): a stream fed piece by piece
