@@ -1,0 +1,85 @@
+"""Training steps with the LM head's products through oneDNN (the default, ``ops/fast_linear.py``) against PyTorch's
+own product (``library_products()``), alternating step by step in one process.
+
+    python benchmarks/bench_head_products.py [--threads 2] [--steps 12] [--T 512] [--no-compile] [--quick]
+
+Models: the Transformer++ 'tiny' (its head is most of its step at vocab 32000), HOPE 'tiny' eager and with
+``titans_compile="inductor"`` (their per-segment head: logits, ``softmax @ W``, the tied weight's gradient); batch 1,
+fp32, ``model(x, labels=x).loss.backward()``. The two forms alternate step by step, so both see the same machine
+state; medians of ``--steps`` steps each after two warm-up steps each. Freed memory is kept in the heap, as the
+trainer keeps it. Passive OpenMP waiting unless ``OMP_WAIT_POLICY`` is set. The same-run 1024 x 1024 product through
+each is printed too (PyTorch's fp32 matmul calls MKL, which may take a generic path on CPUs it does not recognise).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first import of torch
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import matmul_flops_per_s, onednn_matmul_flops_per_s  # noqa: E402
+
+from nested_learning.models import build_model  # noqa: E402
+from nested_learning.ops.fast_linear import library_products  # noqa: E402
+from nested_learning.training.cpu_memory import keep_freed_cpu_memory  # noqa: E402
+
+
+def compare(model, x: torch.Tensor, steps: int) -> dict:
+    """Median seconds of one training step with each product, alternating step by step."""
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(x, labels=x).loss.backward()
+
+    times = {"oneDNN": [], "PyTorch": []}
+    for i in range(2 * (steps + 2)):
+        name = "oneDNN" if i % 2 == 0 else "PyTorch"
+        with contextlib.nullcontext() if name == "oneDNN" else library_products():
+            start = time.perf_counter()
+            step()
+            if i >= 4:  # two warm-up steps each (the first compiles)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv=None) -> list:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--T", type=int, default=512)
+    p.add_argument("--no-compile", action="store_true", help="leave out compiled HOPE")
+    p.add_argument("--quick", action="store_true", help="vocab 500, T = 64, 2 steps, no compile (a smoke test)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    keep_freed_cpu_memory()
+    vocab, T, steps = (500, 64, 2) if args.quick else (32000, args.T, args.steps)
+    configs = [("Transformer++", "transformer", {}), ("HOPE eager", "hope", {})]
+    if not (args.quick or args.no_compile):
+        configs.append(("HOPE compiled", "hope", {"titans_compile": "inductor"}))
+    onednn = onednn_matmul_flops_per_s()
+    print(f"training step, tiny presets, vocab {vocab}, T = {T}, batch 1, fp32, {args.threads} thread(s), "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, median of {steps} steps each, alternating; "
+          f"1024 x 1024 product: PyTorch {matmul_flops_per_s() / 1e9:.0f} GFLOP/s, oneDNN "
+          + (f"{onednn / 1e9:.0f} GFLOP/s" if onednn else "not available"))
+    print(f"{'model':>16} {'oneDNN tok/s':>13} {'PyTorch tok/s':>14} {'speed-up':>9}")
+    x = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for label, name, overrides in configs:
+        torch.manual_seed(0)
+        t = compare(build_model(name, "tiny", vocab_size=vocab, **overrides), x, steps)
+        rows.append((label, t))
+        print(f"{label:>16} {T / t['oneDNN']:13.0f} {T / t['PyTorch']:14.0f} {t['PyTorch'] / t['oneDNN']:8.2f}x")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
