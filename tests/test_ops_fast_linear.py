@@ -114,3 +114,16 @@ def test_a_replaced_head_is_called_as_it_is():
     model.head.register_forward_hook(lambda module, args, out: calls.append(out))
     logits = model(torch.randint(0, 50, (1, 8))).logits
     assert len(calls) == 1 and torch.equal(logits, calls[0])
+
+
+@needs_onednn
+def test_flop_counter_counts_the_kernel():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, w = torch.randn(16, 128), torch.randn(300, 128)
+    with FlopCounterMode(display=False) as counter:
+        fl.linear(x, w)
+    assert counter.get_total_flops() == 2 * 16 * 128 * 300
+    with FlopCounterMode(display=False) as counter:  # forward and backward of the head: three products
+        fl.head_linear(x.requires_grad_(), w.requires_grad_()).sum().backward()
+    assert counter.get_total_flops() == 3 * 2 * 16 * 128 * 300

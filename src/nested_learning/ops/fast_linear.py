@@ -18,6 +18,7 @@ chooses its own kernels), for tensor subclasses (e.g. FSDP's DTensor), where thi
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 
 import torch
@@ -50,7 +51,27 @@ _KERNEL = {"fn": None, "looked": False}
 def _kernel():
     if not _KERNEL["looked"]:
         _KERNEL["fn"], _KERNEL["looked"] = _onednn_kernel(), True
+        if _KERNEL["fn"] is not None:
+            _count_its_flops(_KERNEL["fn"])
     return _KERNEL["fn"]
+
+
+def _count_its_flops(op) -> None:
+    """Teach ``torch.utils.flop_counter`` the kernel's FLOPs (2 M N K), which it does not know: without this a
+    ``FlopCounterMode`` (and every FLOP/s figure built on it) would miss the head's products."""
+    from torch.utils import flop_counter
+
+    def flops(x_shape, second, third=None, *args, out_shape=None, **kwargs) -> int:
+        # (x, w, bias, ...) or, the "binary" overload, (x, other, w, bias, ...): w is the 2-D shape after x and other
+        w_shape = third if isinstance(third, (tuple, list)) and len(third) == 2 else second
+        rows = math.prod(x_shape[:-1])
+        return 2 * rows * x_shape[-1] * w_shape[0]
+
+    try:
+        if op not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op)(flops)
+    except (AttributeError, TypeError, ValueError):  # a torch whose counter works otherwise: only counts miss it
+        pass
 
 
 def onednn_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -117,3 +138,7 @@ def head_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if not onednn_applies(flat, w):
         return F.linear(x, w)
     return _HeadLinear.apply(flat, w).view(*x.shape[:-1], w.shape[0])
+
+
+# looked up at import, so that its FLOP formula is registered before any FlopCounterMode copies the registry
+_kernel()
