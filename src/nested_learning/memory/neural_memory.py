@@ -60,10 +60,12 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops._validation import check_int, check_layer_input
+from ..ops.threads import side_by_side_parts
 from .compiled_steps import warn_eager_fallback
 from .conv import ShortConv
 from .memories import FastWeightMemory, LinearMemory, MLPMemory
 from .neural_memory_chunk_grad import mlp_chunk_step_hand_grad
+from .neural_memory_chunk_loop import mlp_chunk_loop
 from .neural_memory_fused import gate_terms
 from .state import LayerState
 
@@ -272,17 +274,44 @@ class NeuralMemory(nn.Module):
         dev = w_run if w_star is None else [w - w0 for w, w0 in zip(w_run, w_star)]
         W2t, W1t, S2t, S1t = (t.mT.contiguous() for t in (*dev, *s_run))
         W2st, W1st = (None, None) if w_star is None else (w.mT.contiguous() for w in w_star)
-        outs = []
-        for args in zip(*(t.unbind(0) for t in per_chunk)):
-            y, W2t, W1t, S2t, S1t = self._chunk_step(
-                W2t, W1t, S2t, S1t, W2st, W1st, *args, self.memory.activation, self.grad_clip
-            )
-            outs.append(y)
-        y = torch.stack(outs).transpose(0, 1).reshape(N, L, dh)
+        states = (W2t, W1t, S2t, S1t, W2st, W1st)
+        parts = self._loop_parts(nc, N, q, per_chunk, states)
+        if parts > 1:  # passive waiting: each part of the batch runs every chunk on a thread of its own
+            ys, W2t, W1t, S2t, S1t = self._chunk_loop(parts, states, per_chunk)
+        else:
+            outs = []
+            for args in zip(*(t.unbind(0) for t in per_chunk)):
+                y, W2t, W1t, S2t, S1t = self._chunk_step(
+                    W2t, W1t, S2t, S1t, W2st, W1st, *args, self.memory.activation, self.grad_clip
+                )
+                outs.append(y)
+            ys = torch.stack(outs)
+        y = ys.transpose(0, 1).reshape(N, L, dh)
         w_new = [t.mT.contiguous() for t in (W2t, W1t)]
         if w_star is not None:
             w_new = [w + w0 for w, w0 in zip(w_new, w_star)]
         return y, w_new, [t.mT.contiguous() for t in (S2t, S1t)]
+
+    def _loop_parts(self, nc: int, N: int, q: torch.Tensor, per_chunk, states) -> int:
+        """Into how many parts ``_chunk_loop`` splits the batch of memories for a run of ``nc`` whole chunks: under
+        passive waiting with several threads, while training (``ops.threads.side_by_side_parts``), else 1 (the
+        chunk-by-chunk node, which splits each chunk itself when it applies)."""
+        if nc < 2 or torch.compiler.is_compiling() or not torch.is_grad_enabled():
+            return 1
+        if not any(t is not None and t.requires_grad for t in (*per_chunk, *states)):
+            return 1
+        return side_by_side_parts(q.device, N)
+
+    def _chunk_loop(self, parts, states, per_chunk):
+        args = (parts, self.memory.activation, self.grad_clip, *states, *per_chunk)
+        if self.compile_backend is None:
+            return mlp_chunk_loop(*args)
+        try:
+            return mlp_chunk_loop(*args, compile=self.compile_backend)
+        except Exception as err:  # e.g. no C compiler for inductor: the eager loop computes the same thing
+            warn_eager_fallback("neural memory's chunk step", self.compile_backend, err, stacklevel=4)
+            self.compile_backend = None
+            return mlp_chunk_loop(*args)
 
     def _chunk_step(self, *args):
         if self.compile_backend is None:
