@@ -11,5 +11,5 @@ import bench_neural_memory_step  # noqa: E402
 def test_quick_run_times_every_form(capsys):
     rows = bench_neural_memory_step.main(["--quick", "--threads", "1"])
     assert [T for T, _ in rows] == [128]
-    assert all(len(t) == 3 and min(t.values()) > 0 for _, t in rows)
+    assert all(len(t) == 4 and min(t.values()) > 0 for _, t in rows)
     assert "compiled / eager" in capsys.readouterr().out

@@ -46,8 +46,10 @@ Fast path (``fused=True``, the default). Whole chunks of an MLP memory with Eq 9
 ``neural_memory_fused.mlp_chunk_step``: the same formulas, with everything that does not depend on the running
 memory batched over all chunks of a call, and a hand-written backward per chunk (``neural_memory_chunk_grad``,
 tested against autograd through ``mlp_chunk_step``; under passive OpenMP waiting it splits the batch's memories across
-the caller's threads), its forward and backward optionally compiled (``compile_chunk_step``). ``_segment`` is the
-reference it is tested against; it also runs partial chunks at a call's edges and every other memory.
+the caller's threads, and while training a call's run of whole chunks is one node whose parts each run every chunk
+on a thread of their own, ``neural_memory_chunk_loop``), its forward and backward optionally compiled
+(``compile_chunk_step``). ``_segment`` is the reference it is tested against; it also runs partial chunks at a
+call's edges and every other memory.
 """
 
 from __future__ import annotations
