@@ -66,11 +66,23 @@ def test_whole_chunks_take_the_fast_path(monkeypatch):
 
     step = nm.mlp_chunk_step_hand_grad
     monkeypatch.setattr(nm, "mlp_chunk_step_hand_grad", counting)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # chunk by chunk (passive waiting: one node for the three, below)
     fast, _ = _pair()
     _, state = fast(torch.randn(1, 2, 8, dtype=torch.float64))
     assert calls == []
     fast(torch.randn(1, 2 + 12 + 3, 8, dtype=torch.float64), state)
     assert calls == [4, 4, 4]
+
+
+def test_whole_chunks_take_one_node_under_passive_waiting(two_real_threads, monkeypatch):
+    """Under passive waiting with two threads a training call's 3 whole chunks run as one node, in two parts."""
+    loops = []
+    loop = nm.mlp_chunk_loop
+    monkeypatch.setattr(nm, "mlp_chunk_loop", lambda *a, **k: loops.append((a[0], a[9].shape[0])) or loop(*a, **k))
+    fast, _ = _pair()
+    _, state = fast(torch.randn(1, 2, 8, dtype=torch.float64))
+    fast(torch.randn(1, 2 + 12 + 3, 8, dtype=torch.float64, requires_grad=True), state)
+    assert loops == [(2, 3)]  # (parts, chunks)
 
 
 def test_other_memories_and_call_start_gradients_keep_the_reference():

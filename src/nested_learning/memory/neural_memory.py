@@ -306,24 +306,21 @@ class NeuralMemory(nn.Module):
 
     def _chunk_loop(self, parts, states, per_chunk):
         args = (parts, self.memory.activation, self.grad_clip, *states, *per_chunk)
-        if self.compile_backend is None:
-            return mlp_chunk_loop(*args)
-        try:
-            return mlp_chunk_loop(*args, compile=self.compile_backend)
-        except Exception as err:  # e.g. no C compiler for inductor: the eager loop computes the same thing
-            warn_eager_fallback("neural memory's chunk step", self.compile_backend, err, stacklevel=4)
-            self.compile_backend = None
-            return mlp_chunk_loop(*args)
+        return self._compiled_or_eager(mlp_chunk_loop, *args)
 
     def _chunk_step(self, *args):
+        return self._compiled_or_eager(mlp_chunk_step_hand_grad, *args)
+
+    def _compiled_or_eager(self, step, *args):
+        """``step(*args)`` with the layer's compile backend; if compiling fails, warn, and run eagerly from then on."""
         if self.compile_backend is None:
-            return mlp_chunk_step_hand_grad(*args)
+            return step(*args)
         try:
-            return mlp_chunk_step_hand_grad(*args, compile=self.compile_backend)
+            return step(*args, compile=self.compile_backend)
         except Exception as err:  # e.g. no C compiler for inductor: the eager step computes the same thing
-            warn_eager_fallback("neural memory's chunk step", self.compile_backend, err, stacklevel=4)
+            warn_eager_fallback("neural memory's chunk step", self.compile_backend, err, stacklevel=5)
             self.compile_backend = None
-            return mlp_chunk_step_hand_grad(*args)
+            return step(*args)
 
     def compile_chunk_step(self, backend: str | None = "inductor") -> NeuralMemory:
         """Run the whole chunks of the fast path through ``torch.compile``: the chunk step's forward and its
