@@ -46,6 +46,11 @@ def side_by_side_split(q: torch.Tensor, chunk_size: int) -> tuple[int, int]:
     return parts, axis
 
 
+def _state_axis(axis: int) -> int:
+    """The state's (B, H, Dv, Dk) axis that matches ``axis`` of the (B, T, H, D) inputs."""
+    return 1 if axis == 2 else 0
+
+
 def _split(x: torch.Tensor | None, parts: int, axis: int) -> list:
     """``x`` in ``parts`` views along ``axis`` (None: a None per part)."""
     return [None] * parts if x is None else list(x.tensor_split(parts, dim=axis))
@@ -53,14 +58,13 @@ def _split(x: torch.Tensor | None, parts: int, axis: int) -> list:
 
 def _pieces(inputs: tuple, parts: int, axis: int) -> list[list]:
     """q, k, v, eta, alpha (axis as given) and the state (B, H, Dv, Dk: heads on axis 1) split into parts."""
-    state_axis = 1 if axis == 2 else 0
-    split = [_split(x, parts, axis) for x in inputs[:5]] + [_split(inputs[5], parts, state_axis)]
+    split = [_split(x, parts, axis) for x in inputs[:5]] + [_split(inputs[5], parts, _state_axis(axis))]
     return [list(p) for p in zip(*split)]
 
 
 def _join(outs: list, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
     o = torch.cat([r[0] for r in outs], dim=axis)
-    S = torch.cat([r[1] for r in outs], dim=1 if axis == 2 else 0)
+    S = torch.cat([r[1] for r in outs], dim=_state_axis(axis))
     return o, S
 
 
@@ -96,8 +100,7 @@ class _SideBySide(torch.autograd.Function):
                      for g, (shape, dtype, device) in zip((go, gS), ctx.out_like)]
             return (None, None, None, *reference_vjp(ctx.run, inputs, grads))
         axis, parts = ctx.axis, len(ctx.graphs)
-        state_axis = 1 if axis == 2 else 0
-        go_parts, gS_parts = _split(go, parts, axis), _split(gS, parts, state_axis)
+        go_parts, gS_parts = _split(go, parts, axis), _split(gS, parts, _state_axis(axis))
 
         def part_backward(graph, go_p, gS_p):
             (o, S), leaves = graph
@@ -117,7 +120,7 @@ class _SideBySide(torch.autograd.Function):
             if not ctx.needs_input_grad[3 + i]:
                 grads.append(None)
                 continue
-            dim = (1 if axis == 2 else 0) if i == 5 else axis
+            dim = _state_axis(axis) if i == 5 else axis
             grads.append(torch.cat([g if g is not None else torch.zeros_like(leaf) for g, leaf in
                                     zip(per_part, (graph[1][i] for graph in ctx.graphs))], dim=dim))
         return (None, None, None, *grads)

@@ -45,14 +45,10 @@ def _onednn_kernel():
         return None
 
 
-_KERNEL = {"fn": None, "looked": False}
+_KERNEL = {"fn": None}  # set at import (below); None once a call of it has failed
 
 
 def _kernel():
-    if not _KERNEL["looked"]:
-        _KERNEL["fn"], _KERNEL["looked"] = _onednn_kernel(), True
-        if _KERNEL["fn"] is not None:
-            _count_its_flops(_KERNEL["fn"])
     return _KERNEL["fn"]
 
 
@@ -141,4 +137,6 @@ def head_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 # looked up at import, so that its FLOP formula is registered before any FlopCounterMode copies the registry
-_kernel()
+_KERNEL["fn"] = _onednn_kernel()
+if _KERNEL["fn"] is not None:
+    _count_its_flops(_KERNEL["fn"])
