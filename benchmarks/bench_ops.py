@@ -1,6 +1,7 @@
 """Chunked vs recurrent delta rule (Eq 65/88/93) on CPU, with the chunked form's FLOP/s against a same-run matmul.
 
     python benchmarks/bench_ops.py [--threads 2] [--chunk-size 64] [--quick] [--omp-wait passive|active|default]
+        [--allocator keep-freed|default]
 
 Shapes: B=1, H=4, Dk=Dv=d=64, fp32, unit keys, eta in (0, 1), alpha in (0.9, 1).
 
@@ -23,6 +24,11 @@ timings erratic. ``--omp-wait default`` leaves the policy unset (OpenMP spins a 
 without setting anything), ``active`` spins. The chunked form adapts: under the passive policy it runs its recurrence
 and small solves on one thread, otherwise on the caller's threads; and under the passive policy with several threads
 it runs the heads side by side, each part on a thread of its own (``ops/delta_rule_side_by_side.py``).
+
+The process keeps freed memory in its heap, as this package's trainer does (``training/cpu_memory.py``): the
+chunked form's backward allocates and frees tensors of several MB at every call, and with glibc's defaults each
+comes back from the kernel page by page (about 15,000 page faults per forward+backward at T=8192, four heads).
+``--allocator default`` leaves glibc's malloc as it is.
 
 ``--split-ab`` then times that split against the unsplit form (``no_side_by_side()``), alternating run by run in one
 process, medians of ``--ab-runs`` runs each (only meaningful with passive waiting and several threads).
@@ -67,6 +73,7 @@ from _timing import matmul_flops_per_s, onednn_matmul_flops_per_s, time_fn  # no
 
 from nested_learning.ops import delta_rule  # noqa: E402
 from nested_learning.ops.delta_rule_side_by_side import no_side_by_side, side_by_side_split  # noqa: E402
+from nested_learning.training.cpu_memory import keep_freed_cpu_memory  # noqa: E402
 
 B, H, D = 1, 4, 64
 
@@ -130,8 +137,13 @@ def main() -> None:
         help="OpenMP wait policy of this run; 'default' leaves it unset (without the flag: OMP_WAIT_POLICY as set,"
         " else passive)",
     )
+    parser.add_argument(
+        "--allocator", choices=("keep-freed", "default"), default="keep-freed",
+        help="keep freed memory in the heap, as the trainer does (default), or leave glibc's malloc as it is",
+    )
     args = parser.parse_args()
 
+    kept = args.allocator == "keep-freed" and keep_freed_cpu_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     C = args.chunk_size
@@ -140,7 +152,8 @@ def main() -> None:
     rec_max_T = 1024 if args.quick else 2048  # longer recurrent runs are extrapolated linearly in T
     print(
         f"delta rule, B={B} H={H} Dk=Dv={D} fp32, chunk_size={C}, threads={args.threads}, fastest of >= {iters},"
-        f" OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average {os.getloadavg()[0]:.1f}"
+        f" OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')},"
+        f" allocator {'keep-freed' if kept else 'default'}, load average {os.getloadavg()[0]:.1f}"
     )
     print(
         f"{'T':>6} {'pass':>8} {'chunk ms':>10} {'recur ms':>10} {'ratio':>8} {'GFLOP/s':>9} {'matmul':>9} {'fraction':>9} {'executed':>9}"

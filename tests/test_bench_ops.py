@@ -21,6 +21,7 @@ def _run(*flags):
 def test_quick_run_with_the_split_comparison():
     out = _run("--threads", "2", "--split-ab")
     assert "OMP_WAIT_POLICY=PASSIVE" in out
+    assert "allocator keep-freed" in out  # as the trainer runs
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("256")]
     assert [r[1] for r in rows] == ["fwd", "fwd+bwd", "fwd", "fwd+bwd"]  # the table, then the comparison
     assert "heads side by side (2 parts)" in out
@@ -28,5 +29,6 @@ def test_quick_run_with_the_split_comparison():
 
 
 def test_the_comparison_says_when_nothing_splits():
-    out = _run("--threads", "1", "--split-ab")
+    out = _run("--threads", "1", "--split-ab", "--allocator", "default")
     assert "no split here" in out
+    assert "allocator default" in out
