@@ -128,6 +128,21 @@ def test_group_size_rule(monkeypatch):
     assert dc.chunks_per_group(128, 4, 64, 64, cpu, f32) == 8
 
 
+def test_a_side_by_side_part_takes_larger_groups(monkeypatch):
+    """Inside a part of ``run_side_by_side`` (on the caller's thread and on a worker) the group budget is
+    ``SIDE_BY_SIDE_GROUP_BYTES``; outside, ``GROUP_BYTES`` again."""
+    from nested_learning.ops.threads import in_side_by_side_part, run_side_by_side
+
+    cpu, f32 = torch.device("cpu"), torch.float32
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+
+    def group(_):
+        return in_side_by_side_part(), dc.chunks_per_group(128, 4, 64, 64, cpu, f32)
+
+    assert run_side_by_side(group, [(0,), (1,)]) == [(True, 16), (True, 16)]  # 64 KiB chunks in 1 MiB
+    assert group(None) == (False, 8)
+
+
 def test_bf16_inputs_are_grouped_by_their_fp32_compute_size(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     sizes = []
