@@ -126,3 +126,60 @@ def test_flop_counter_counts_the_kernel():
     with FlopCounterMode(display=False) as counter:  # forward and backward of the head: three products
         fl.head_linear(x.requires_grad_(), w.requires_grad_()).sum().backward()
     assert counter.get_total_flops() == 3 * 2 * 16 * 128 * 300
+
+
+def test_linear_layer_takes_the_kernel_for_a_plain_layer_over_enough_rows():
+    """``linear_layer``: a bias-free ``nn.Linear`` over ``MIN_LAYER_ROWS`` rows or more goes through the kernel
+    (values and gradients as the layer's own call); fewer rows, a bias or a subclass: the layer's own call."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 24, bias=False)
+    x = torch.randn(2, fl.MIN_LAYER_ROWS, 16, requires_grad=True)
+    y = fl.linear_layer(layer, x)
+    grads = torch.autograd.grad(y.square().sum(), (x, layer.weight))
+    ref = layer(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, layer.weight))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+    used = []
+    original = fl.head_linear
+
+    def spy(*args):
+        used.append(True)
+        return original(*args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fl, "head_linear", spy)
+        fl.linear_layer(layer, x)
+        assert used == [True]
+        fl.linear_layer(layer, x[:, :1])  # 2 rows
+        biased = torch.nn.Linear(16, 24)
+        assert torch.equal(fl.linear_layer(biased, x), biased(x))
+
+        class Scaled(torch.nn.Linear):
+            def forward(self, t):
+                return 2 * super().forward(t)
+
+        scaled = Scaled(16, 24, bias=False)
+        assert torch.equal(fl.linear_layer(scaled, x), scaled(x))
+        assert used == [True]
+
+
+def test_the_neural_memory_trains_the_same_with_either_product():
+    """The Titans neural memory's projections through oneDNN (``linear_layer``): output and every gradient as with
+    PyTorch's own product."""
+    from nested_learning.memory import NeuralMemory
+
+    x = torch.randn(1, 128, 64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for context in (fl.library_products, torch.enable_grad):
+        torch.manual_seed(0)
+        layer = NeuralMemory(64, n_heads=2, chunk_size=16)
+        with context():
+            y, _ = layer(x)
+            y.square().mean().backward()
+        results.append((y.detach(), *(p.grad.clone() for p in layer.parameters() if p.grad is not None)))
+    assert len(results[0]) == len(results[1]) > 3
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..ops._validation import check_int, check_layer_input
+from ..ops.fast_linear import linear_layer
 from ..ops.threads import side_by_side_parts
 from .compiled_steps import warn_eager_fallback
 from .conv import ShortConv
@@ -197,7 +198,7 @@ class NeuralMemory(nn.Module):
         if self.conv is not None:
             h, conv_cache = self.conv(x, conv_cache)
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        q, k, v = rearrange(self.to_qkv(h), "b t (s h d) -> s (b h) t d", s=3, h=self.n_heads).to(dtype)
+        q, k, v = rearrange(linear_layer(self.to_qkv, h), "b t (s h d) -> s (b h) t d", s=3, h=self.n_heads).to(dtype)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         gates = rearrange(self.to_gates(h), "b t (s h) -> s (b h) t", s=3).to(dtype)
         theta = self.max_lr * torch.sigmoid(gates[0])
@@ -390,4 +391,4 @@ class NeuralMemory(nn.Module):
         """x: (B, T, dim) -> y: (B, T, dim), new state."""
         y, state = self.read(x, state)
         y = rearrange(self.out_norm(y.to(x.dtype)), "(b h) t d -> b t (h d)", h=self.n_heads)
-        return self.to_out(y), state
+        return linear_layer(self.to_out, y), state
