@@ -1,9 +1,11 @@
-"""Training steps with the LM head's products through oneDNN (the default, ``ops/fast_linear.py``) against PyTorch's
-own product (``library_products()``), alternating step by step in one process.
+"""Training steps with the large products through oneDNN (the default, ``ops/fast_linear.py``: the LM head's, and the
+Transformer++'s attention and MLP projections over the whole sequence) against PyTorch's own product
+(``library_products()``), alternating step by step in one process.
 
     python benchmarks/bench_head_products.py [--threads 2] [--steps 12] [--T 512] [--no-compile] [--quick]
 
-Models: the Transformer++ 'tiny' (its head is most of its step at vocab 32000), HOPE 'tiny' eager and with
+Models: the Transformer++ 'tiny' (its head is most of its step at vocab 32000; its layers' projections over 512 rows
+go through oneDNN too), HOPE 'tiny' eager and with
 ``titans_compile="inductor"`` (their per-segment head: logits, ``softmax @ W``, the tied weight's gradient); batch 1,
 fp32, ``model(x, labels=x).loss.backward()``. The two forms alternate step by step, so both see the same machine
 state; medians of ``--steps`` steps each after two warm-up steps each. Freed memory is kept in the heap, as the

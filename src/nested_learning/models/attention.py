@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from nested_learning.memory.state import LayerState
 from nested_learning.models.layers import apply_rope, rope_cache
+from nested_learning.ops.fast_linear import linear_layer
 
 
 @dataclasses.dataclass
@@ -40,7 +41,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # products over many rows through oneDNN (ops/fast_linear.py)
+        q, k, v = linear_layer(self.qkv, x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         start = 0 if state is None else state.length
         if self.max_cache is not None and start + T > self.max_cache:
             raise ValueError(
@@ -58,4 +60,4 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, -1)
-        return self.out(y), KVCache(k=k, v=v)
+        return linear_layer(self.out, y), KVCache(k=k, v=v)

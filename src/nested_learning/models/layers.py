@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nested_learning.ops.fast_linear import linear_layer
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -30,8 +32,9 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        # products over many rows through oneDNN (ops/fast_linear.py)
+        gate, up = linear_layer(self.gate_up, x).chunk(2, dim=-1)
+        return linear_layer(self.down, F.silu(gate) * up)
 
 
 def rope_cache(head_dim: int, positions: torch.Tensor, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
