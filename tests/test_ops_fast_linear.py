@@ -77,10 +77,11 @@ def test_head_linear_second_order_equals_f_linear():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["transformer", "hope"])
+@pytest.mark.parametrize("name", ["transformer", "hope", "titans", "deltanet"])
 def test_models_train_the_same_with_either_product(name):
-    """A training step's loss and gradients with the head's products through oneDNN equal those with PyTorch's own
-    (HOPE: the segment head's logits, softmax @ W and the tied weight's gradient; the Transformer++: its head)."""
+    """A training step's loss and gradients with the large products through oneDNN equal those with PyTorch's own
+    (HOPE: the segment head's logits, softmax @ W and the tied weight's gradient; the others: their head and their
+    layers' projections over the sequence)."""
     x = torch.randint(0, 500, (1, 64), generator=torch.Generator().manual_seed(4))
     results = []
     for context in (fl.library_products, lambda: torch.enable_grad()):

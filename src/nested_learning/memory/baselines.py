@@ -20,6 +20,7 @@ from einops import rearrange
 
 from ..ops import delta_rule, linear_attention
 from ..ops._validation import check_layer_input
+from ..ops.fast_linear import linear_layer
 from .conv import ShortConv
 from .state import LayerState
 
@@ -55,7 +56,7 @@ class _MatrixMemoryLayer(nn.Module):
         return MatrixMemoryState(torch.zeros(batch, self.n_heads, dh, dh, device=device, dtype=dtype), conv)
 
     def _qkv(self, x: torch.Tensor, state: MatrixMemoryState):
-        qkv, conv = self.to_qkv(x), state.conv
+        qkv, conv = linear_layer(self.to_qkv, x), state.conv  # over many rows through oneDNN (ops/fast_linear.py)
         if self.conv is not None:
             qkv, conv = self.conv(qkv, conv)
         q, k, v = rearrange(qkv, "b t (s h d) -> s b t h d", s=3, h=self.n_heads)
@@ -73,7 +74,7 @@ class _MatrixMemoryLayer(nn.Module):
         q, k, v, conv = self._qkv(x, state)
         o, S = self._memory(x, q, k, v, state)
         y = rearrange(self.out_norm(o.to(x.dtype)), "b t h d -> b t (h d)")
-        return self.to_out(y), MatrixMemoryState(S, conv)
+        return linear_layer(self.to_out, y), MatrixMemoryState(S, conv)
 
 
 class DeltaNetLayer(_MatrixMemoryLayer):
