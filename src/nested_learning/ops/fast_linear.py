@@ -10,9 +10,10 @@ another order; tests).
 
 :func:`linear` is the product without autograd, :func:`head_linear` the same with autograd (its backward's two
 products through oneDNN as well; under ``create_graph`` plain differentiable products), :func:`linear_layer` a
-bias-free ``nn.Linear`` through :func:`head_linear` over enough rows (the Titans neural memory's projections over a
-whole call: 1.02-1.04x its eager training step at T=512-8192, 1.00-1.01x with its chunk step compiled, 2 threads
-passive, alternating with :func:`library_products` in one process). All fall back to PyTorch's own product off CPU,
+bias-free ``nn.Linear`` through :func:`head_linear` over enough rows (the projections over a whole call of the Titans
+neural memory: 1.02-1.04x its eager training step at T=512-8192, 1.00-1.01x with its chunk step compiled; of the
+Transformer++'s attention and MLP: 1.02x / 1.05x its step at T=512 / 2048; 2 threads passive, alternating in one
+process; and of the DeltaNet and linear-attention layers). All fall back to PyTorch's own product off CPU,
 for dtypes other than fp32, under autocast, while ``torch.compile`` traces (the compiler chooses its own kernels),
 for tensor subclasses (e.g. FSDP's DTensor), where this PyTorch has no oneDNN, and inside :func:`library_products`
 (for comparisons).
