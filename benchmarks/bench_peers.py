@@ -294,9 +294,9 @@ def call(python: str, name: str, lengths, threads: int, reps: int, env_src: bool
 
 
 def print_flops(args) -> int:
-    """FLOPs per token of the two neural memories' forward+backward at T = 2048, and the tokens/s that ours could
-    reach at most if every FLOP ran at the same-run fp32 1024^2 matmul rate (the rate of a large, cache-friendly
-    GEMM; the memories' products are (64 x 64) by (64 x 256) per head and chunk)."""
+    """FLOPs per token of the neural memories' forward+backward at T = 2048 (ours with either gradient point), and
+    the tokens/s that ours could reach at most if every FLOP ran at the same-run fp32 1024^2 matmul rate (the rate
+    of a large, cache-friendly GEMM; the memories' products are (64 x 64) by (64 x 256) per head and chunk)."""
     import torch
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -305,11 +305,13 @@ def print_flops(args) -> int:
     torch.set_num_threads(args.threads)
     T = 2048
     ours = call(sys.executable, "ours_memory", [T], args.threads, 1, True, args.omp_wait, flops=True)
+    call_start = call(sys.executable, "ours_memory_call_start", [T], args.threads, 1, True, args.omp_wait, flops=True)
     titans = call(args.titans_python, "titans", [T], args.threads, 1, False, args.omp_wait, flops=True) \
         if Path(args.titans_python).exists() else None
     rate = matmul_flops_per_s()
     print(f"\nneural memory forward+backward, T={T}, FLOPs per token (torch.utils.flop_counter)")
     print(f"  ours (Eq 90, per-token reads): {ours[T] / 1e6:.2f} M")
+    print(f"  ours, grad_at='call_start':    {call_start[T] / 1e6:.2f} M")
     if titans:
         print(f"  titans-pytorch 0.5.5:          {titans[T] / 1e6:.2f} M   "
               f"(ours / titans-pytorch {ours[T] / titans[T]:.2f}x)")

@@ -193,7 +193,7 @@ def test_call_start_gradients_equal_their_token_loop(memory, fn, grad_clip):
     with torch.no_grad():
         layer.to_gates.weight.normal_(0, 1.0)
         layer.to_gates.bias.zero_()
-    x, reads = _assert_reads_equal_the_token_loop(layer, fn, momentum=False)
+    x, reads = _assert_reads_equal_the_token_loop(layer, fn, momentum=True)
     exact = NeuralMemory(8, n_heads=2, chunk_size=3, memory=memory, max_lr=0.5, grad_clip=grad_clip).double()
     exact.load_state_dict(layer.state_dict())
     with torch.no_grad():

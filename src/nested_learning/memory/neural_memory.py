@@ -40,7 +40,10 @@ Gradient point (``grad_at``). ``"chunk_start"`` (the default) is Eq 90 exactly: 
 M_c, the memory at the start of chunk c, so the chunks form a sequential recurrence. ``"call_start"`` takes every
 chunk's gradients at the memory the call started with (titans-pytorch's rule: cheaper, one batched gradient pass
 for the whole call, but not Eq 90: a call of n chunks is one chunk of n * chunk_size tokens for the gradients, while
-momentum, decay and reads still run per token). Both equal their own token loops (tests).
+momentum, decay and reads still run per token). Both equal their own token loops (tests). With every gradient
+factor known before the first chunk, a call's whole chunks then run at once (``neural_memory_call_start``: the
+chunk-start memories from a linear recurrence, every chunk's reads batched); ``fused=False`` keeps them chunk by
+chunk on ``_segment``, the reference it is tested against.
 
 Fast path (``fused=True``, the default). Whole chunks of an MLP memory with Eq 90 gradients run through
 ``neural_memory_fused.mlp_chunk_step``: the same formulas, with everything that does not depend on the running
@@ -67,6 +70,7 @@ from ..ops.threads import side_by_side_parts
 from .compiled_steps import warn_eager_fallback
 from .conv import ShortConv
 from .memories import FastWeightMemory, LinearMemory, MLPMemory
+from .neural_memory_call_start import call_start_chunks, dual_read
 from .neural_memory_chunk_grad import mlp_chunk_step_hand_grad
 from .neural_memory_chunk_loop import mlp_chunk_loop
 from .neural_memory_fused import gate_terms
@@ -129,8 +133,10 @@ class NeuralMemory(nn.Module):
         grad_at: ``"chunk_start"`` (Eq 90: gradients at each chunk's start weights) or ``"call_start"`` (at the
             weights the call started with, see "Gradient point" above).
         fused: whole chunks of an MLP memory (Eq 89) with ``grad_at="chunk_start"`` go through the fast path of
-            ``neural_memory_fused`` (the same numbers, tested against ``_segment`` and the token loop); False keeps
-            every chunk on the reference ``_segment``. Other memories always take ``_segment``.
+            ``neural_memory_fused`` (the same numbers, tested against ``_segment`` and the token loop), and with
+            ``grad_at="call_start"`` a call's whole chunks of the built-in memories run at once
+            (``neural_memory_call_start``, tested the same way); False keeps every chunk on the reference
+            ``_segment``. Other memories always take ``_segment``.
     """
 
     def __init__(
@@ -224,11 +230,9 @@ class NeuralMemory(nn.Module):
         w_dev = w_run if w_star is None else [w - w0 for w, w0 in zip(w_run, w_star)]
 
         def read(i: int, a: torch.Tensor) -> torch.Tensor:
-            out = w_run[i].shape[-2]
             # F_t W_0 a + B_t S_0 a as one matmul against [W_0; S_0]
-            base = (a @ torch.cat([w_dev[i], s_run[i]], dim=-2).mT).unflatten(-1, (2, out))
-            y = (base * scales.unsqueeze(-1)).sum(-2) - ((a @ inputs[i].mT) * coef) @ deltas[i]
-            return y if w_star is None else y + a @ w_star[i].mT
+            X = torch.cat([w_dev[i], s_run[i]], dim=-2)
+            return dual_read(a, X, scales, inputs[i], deltas[i], coef, None if w_star is None else w_star[i])
 
         y = self.memory.forward_with(read, q)
         w_new, s_new = [], []
@@ -247,6 +251,12 @@ class NeuralMemory(nn.Module):
             and isinstance(mem, MLPMemory)
             and type(mem).forward_with is MLPMemory.forward_with
         )
+
+    def _batched_call_start(self) -> bool:
+        """Whether whole chunks with ``grad_at="call_start"`` run all at once (``neural_memory_call_start``): the
+        built-in memories, whose ``forward_with`` takes any leading dimensions as batch."""
+        own = type(self.memory).forward_with in (MLPMemory.forward_with, LinearMemory.forward_with)
+        return self.fused and self.grad_at == "call_start" and own
 
     def _whole_chunks(self, w_run, s_run, w_star, q, k, v, theta, log_eta, log_keep):
         """``n_c`` whole chunks starting at a chunk boundary (so each chunk's gradient point is the running memory)
@@ -352,7 +362,7 @@ class NeuralMemory(nn.Module):
             # a call may start or end inside a chunk: chunks stay aligned to the stream's absolute positions.
             # Consecutive whole chunks from a boundary form one group of the fast path.
             sizes = chunk_sizes(T, self.chunk_size, pos)
-            if self._fast_chunks():
+            if self._fast_chunks() or self._batched_call_start():
                 groups, p = [], pos
                 for n in sizes:
                     if p == 0 and n == self.chunk_size and groups and groups[-1][0]:
@@ -375,7 +385,13 @@ class NeuralMemory(nn.Module):
                 factors = list(zip(*(zip(*(t.split(sizes, dim=1) for t in group)) for group in (deltas, inputs))))
             for (whole, n), piece, f in zip(groups, pieces, factors):
                 if whole:
-                    y, w_run, s_run = self._whole_chunks(w_run, s_run, w_star, *piece)
+                    if self.grad_at == "call_start":  # every chunk at once (neural_memory_call_start)
+                        q_c, _, _, *gates = piece
+                        y, w_run, s_run = call_start_chunks(
+                            self.memory, self.chunk_size, w_run, s_run, w_star, q_c, *gates, *f
+                        )
+                    else:
+                        y, w_run, s_run = self._whole_chunks(w_run, s_run, w_star, *piece)
                     w_chunk = w_run
                     outs.append(y)
                     continue
