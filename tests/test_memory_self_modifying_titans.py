@@ -310,6 +310,33 @@ def test_whole_chunk_calls_compiled_equal_eager_and_other_calls_run_as_before(mo
         _layer("l2", 4, "linear").compile_whole_chunk_calls("aot_eager")
 
 
+def test_a_training_stream_runs_one_compiled_graph_of_the_layer(two_real_threads):
+    """Every whole-chunk call of a training stream, a fresh stream's first included (its convolution cache needs
+    no gradient) and every call after a backward (which left one-thread bookkeeping behind, under passive waiting),
+    runs the same compiled graph: the compiler builds it once."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    from nested_learning.ops.threads import BackwardOnOneThread
+
+    layer, _ = _fused_and_chunked()
+    layer.compile_whole_chunk_calls(counting)
+    x = torch.randn(2, 12, 8, dtype=torch.float64, requires_grad=True)
+    for _ in range(2):
+        span = BackwardOnOneThread(x)  # as a model around its layers (models/cms_lm.py)
+        outs, state = [], layer.initial_state(2, dtype=torch.float64)
+        assert not state.conv.requires_grad
+        for a in range(0, 12, 4):
+            y, state = layer(span.input(x)[:, a : a + 4], state)
+            outs.append(y)
+        span.output(torch.cat(outs, 1)).square().sum().backward()
+    assert len(graphs) == 1
+
+
 def test_whole_chunk_calls_that_fail_to_compile_warn_and_run_as_before():
     eager, _ = _fused_and_chunked()
     broken, _ = _fused_and_chunked()

@@ -42,5 +42,7 @@ class ShortConv(nn.Module):
         y = padded[:, :T] * w[:, 0]
         for j in range(1, self.kernel_size):
             y = y + padded[:, j : j + T] * w[:, j]
-        new_cache = padded[:, padded.shape[1] - (self.kernel_size - 1) :]
+        # a copy, not a view of padded: every cache then has the same strides as a fresh one (one compiled graph for
+        # a stream's calls, guards compare strides) and does not keep the call's whole input alive
+        new_cache = padded[:, padded.shape[1] - (self.kernel_size - 1) :].contiguous()
         return self.activation(y), new_cache

@@ -87,6 +87,23 @@ class SelfModifyingTitansState(LayerState):
     pos: int
 
 
+def _state_like_later_calls(x: torch.Tensor, state):
+    """``state`` laid out as a stream's later calls carry theirs, so that a fresh stream's first call takes their
+    compiled graph instead of one of its own (the compiler guards on requires_grad and strides): the convolution
+    cache requiring gradients when ``x`` does (later caches hold earlier inputs; a fresh one is a constant, so the
+    gradient computed for it goes nowhere) and the memories materialised (a fresh stream's are expanded from the
+    initial ones over the batch), the memory at the chunk start the same tensors as the running one."""
+    if state is None:
+        return state
+    conv = state.conv
+    if conv is not None and not conv.requires_grad and torch.is_grad_enabled() and x.requires_grad:
+        conv = conv.detach().requires_grad_()
+    memory = [m.contiguous() for m in state.memory]
+    same = all(a is b for a, b in zip(state.memory, state.chunk_memory))
+    chunk = memory if same else [m.contiguous() for m in state.chunk_memory]
+    return dataclasses.replace(state, memory=memory, chunk_memory=chunk, conv=conv)
+
+
 class SelfModifyingTitans(nn.Module):
     """Eq 83-93 as a sequence layer: ``y, state = layer(x, state=None)``, ``x: (B, T, dim)``.
 
@@ -291,6 +308,9 @@ class SelfModifyingTitans(nn.Module):
         "compiled-layer" and "compiled-hand", docs/results/bench_hope_chunk_step.md). With inductor the graph's small batched products become loops of the
         compiler's own (``whole_chunk_small_products``): 1.02-1.07x against one library call per product, at 1 and 2
         threads, either OpenMP wait policy (the same benchmark, "compiled-layer" against "compiled-layer-bmm").
+        A training stream's calls run one compiled graph per batch size, its first call included
+        (``_state_like_later_calls``): HOPE tiny's first training step took 34-36 s with an empty kernel cache and
+        7-8 s with a warm one, and the second ran at full speed (T=512, 2 threads).
         If compilation fails, a warning is issued and such calls run as before; ``backend=None`` switches back. A
         compiled graph has no double backward: inside :func:`second_order_calls` (a CMS language model in meta mode
         enters it) such calls run as before."""
@@ -314,7 +334,7 @@ class SelfModifyingTitans(nn.Module):
             check_layer_input(x, self.dim)  # here: its test on the values would break the compiled graph
             try:
                 call = compiled(SelfModifyingTitans._forward, self.whole_chunk_backend, self.whole_chunk_small_products)
-                return call(self, x, state, False)
+                return call(self, x, _state_like_later_calls(x, state), False)
             except Exception as err:  # e.g. no C compiler for inductor: the eager layer computes the same thing
                 warn_eager_fallback("self-modifying Titans layer", self.whole_chunk_backend, err, stacklevel=2)
                 self.whole_chunk_backend = None

@@ -133,7 +133,8 @@ class BackwardOnOneThread:
     ``one_thread_if_threads_sleep``; elsewhere the tensors pass untouched."""
 
     def __init__(self, x: torch.Tensor):
-        restore_threads_after_failed_backward()
+        if not torch.compiler.is_compiling():  # traced, it would make the graph depend on the thread-local state
+            restore_threads_after_failed_backward()
         self.on = (
             not torch.compiler.is_compiling()
             and torch.is_grad_enabled()
