@@ -42,3 +42,33 @@ def test_small_products_become_loops_of_inductors_own():
     assert "extern_kernels.bmm" not in "\n".join(code)
     torch.testing.assert_close(out, torch.bmm(a, b).relu())
     assert decompose_mem_bound_mm.cpu_max_first_dimension_decomposition >= 64
+
+
+def test_a_function_without_autograd_compiles_once_whatever_its_inputs_require(monkeypatch):
+    """``compiled_values`` passes its tensors detached (inside tuples too): inputs that do or do not require
+    gradients, as a stream's first chunk and its later ones give them, take one graph; ``compiled`` would build
+    one per pattern."""
+    monkeypatch.setattr(compiled_steps, "_CACHE", {})
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(x, pair):
+        return x * pair[0] + pair[1]
+
+    torch._dynamo.reset()
+    fresh, trained = torch.ones(3), torch.ones(3, requires_grad=True)
+    values = compiled_steps.compiled_values(step, counting)
+    with torch.no_grad():
+        for w in (fresh, trained, fresh):
+            out = values(torch.arange(3.0), (w, trained))
+            torch.testing.assert_close(out, torch.arange(3.0) + 1)
+    assert len(graphs) == 1
+    torch._dynamo.reset()
+    plain = compiled_steps.compiled(step, counting)
+    with torch.no_grad():
+        for w in (fresh, trained):
+            plain(torch.arange(3.0), (w, trained))
+    assert len(graphs) == 3

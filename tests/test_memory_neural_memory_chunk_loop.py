@@ -56,7 +56,7 @@ def test_the_loop_hands_its_backend_to_both_passes(two_real_threads, monkeypatch
     compiled forms are tested in test_memory_neural_memory_fused.py; compiling here would spend the shared compiled
     functions' recompilation budget on other shapes)."""
     seen = []
-    monkeypatch.setattr(cl, "compiled", lambda fn, backend: seen.append(("forward", backend)) or fn)
+    monkeypatch.setattr(cl, "compiled_values", lambda fn, backend: seen.append(("forward", backend)) or fn)
     eager_call = cl.call_compiled_or_eager
     monkeypatch.setattr(
         cl, "call_compiled_or_eager", lambda fn, backend, *a: seen.append(("backward", backend)) or eager_call(fn, None, *a)

@@ -46,6 +46,24 @@ def compiled(step, backend: str, small_products: bool = False):
     return _CACHE[key]
 
 
+def _detached(x):
+    """Tensors detached, inside tuples and lists too; anything else as it is."""
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if type(x) in (tuple, list):
+        return type(x)(_detached(t) for t in x)
+    return x
+
+
+def compiled_values(step, backend: str):
+    """``compiled(step, backend)`` for a function computed without autograd (a hand-written forward or backward):
+    its tensors are passed detached, since the compiler guards on each input's ``requires_grad`` and would
+    otherwise build one graph per pattern a stream goes through (a fresh memory's momentum needs no gradient,
+    later ones do), though the arithmetic is the same."""
+    fn = compiled(step, backend)
+    return lambda *args: fn(*_detached(args))
+
+
 def warn_eager_fallback(what: str, backend: str, err: Exception, stacklevel: int) -> None:
     """Say that compiling ``what`` failed (e.g. no C compiler for inductor) and that it runs eagerly instead."""
     reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -57,12 +75,13 @@ def warn_eager_fallback(what: str, backend: str, err: Exception, stacklevel: int
 
 
 def call_compiled_or_eager(fn, backend: str | None, what: str, *args):
-    """``fn(*args)`` compiled with ``backend`` (None: eagerly); if compiling fails, warn once and run it eagerly,
-    then and on every later call. For steps whose compilation happens where no caller can catch it (a backward)."""
+    """``fn(*args)`` compiled with ``backend`` (None: eagerly) as a function without autograd
+    (:func:`compiled_values`); if compiling fails, warn once and run it eagerly, then and on every later call. For
+    steps whose compilation happens where no caller can catch it (a backward)."""
     if backend is None or (fn, backend) in _FAILED:
         return fn(*args)
     try:
-        return compiled(fn, backend)(*args)
+        return compiled_values(fn, backend)(*args)
     except Exception as err:  # e.g. no C compiler for inductor: the eager function computes the same thing
         _FAILED.add((fn, backend))
         warn_eager_fallback(what, backend, err, stacklevel=2)

@@ -30,7 +30,7 @@ import torch
 
 from ..ops.reference_vjp import reference_vjp
 from ..ops.threads import one_thread_if_threads_sleep, run_side_by_side, side_by_side_parts
-from .compiled_steps import call_compiled_or_eager, compiled
+from .compiled_steps import call_compiled_or_eager, compiled_values
 from .memories import _ACTIVATION_VJPS, _ACTIVATIONS
 from .neural_memory_fused import mlp_chunk_step
 
@@ -227,7 +227,7 @@ class _MLPChunkStep(torch.autograd.Function):
         device = args[0].device
         ctx.compile, ctx.activation, ctx.grad_clip = compile, args[17], args[18]
         # a failure to compile propagates: the layer warns and runs eagerly
-        fn = forward_values if compile is None else compiled(forward_values, compile)
+        fn = forward_values if compile is None else compiled_values(forward_values, compile)
         parts = side_by_side_parts(device, args[0].shape[0])
         if parts == 1:
             ctx.parts = None
@@ -279,7 +279,7 @@ def mlp_chunk_step_hand_grad(*args, compile: str | None = None):
         return mlp_chunk_step(*args)
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return _MLPChunkStep.apply(compile, *args)
-    step = mlp_chunk_step if compile is None else compiled(mlp_chunk_step, compile)
+    step = mlp_chunk_step if compile is None else compiled_values(mlp_chunk_step, compile)
     parts = side_by_side_parts(args[0].device, args[0].shape[0])
     if parts > 1:  # the batch's memories side by side, as in _MLPChunkStep
         return _join_batch(run_side_by_side(step, _split_batch(args, parts)))

@@ -17,7 +17,7 @@ import torch
 
 from ..ops.reference_vjp import reference_vjp
 from ..ops.threads import run_side_by_side
-from .compiled_steps import call_compiled_or_eager, compiled
+from .compiled_steps import call_compiled_or_eager, compiled_values
 from .neural_memory_chunk_grad import backward_values, forward_values
 from .neural_memory_fused import mlp_chunk_step
 
@@ -71,7 +71,7 @@ class _MLPChunkLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, compile, parts, activation, grad_clip, *inputs):
         ctx.compile, ctx.activation, ctx.grad_clip = compile, activation, grad_clip
-        fn = forward_values if compile is None else compiled(forward_values, compile)
+        fn = forward_values if compile is None else compiled_values(forward_values, compile)
         results = run_side_by_side(
             lambda *part: _part_forward(fn, activation, grad_clip, *part), _split(inputs, parts)
         )

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..ops.delta_rule_one_chunk_grad import one_chunk_backward, one_chunk_forward
 from ..ops.reference_vjp import reference_vjp
 from ..ops.threads import one_thread_if_threads_sleep
-from .compiled_steps import call_compiled_or_eager, compiled
+from .compiled_steps import call_compiled_or_eager, compiled_values
 from .neural_memory_chunk_grad import activation_derivatives
 from .self_modifying_memories import bound_targets, fused_chunk_step
 
@@ -244,7 +244,7 @@ class _FusedChunkStep(torch.autograd.Function):
         ctx.device, ctx.compile = tensors[0].device, compile
         ctx.flags = (objective, value_norm, bounded_targets, initial)
         # a failure to compile propagates: the layer warns and runs eagerly
-        fn = _forward_values if compile is None else compiled(_forward_values, compile)
+        fn = _forward_values if compile is None else compiled_values(_forward_values, compile)
         with one_thread_if_threads_sleep(ctx.device):  # steps: the delta rules' values (no graph)
             outputs, inner, ctx.steps = fn(*ctx.flags, *tensors)
         ctx.n_tensors = len(tensors)
@@ -301,6 +301,6 @@ def fused_chunk_step_hand_grad(R_c, R, x, q, R_0, gate_bias, objective: str, val
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         y, R2, R1, RG = _FusedChunkStep.apply(compile, *args, initial, *tensors)
         return y, (R2, R1, RG)
-    step = fused_chunk_step if compile is None else compiled(fused_chunk_step, compile)
+    step = fused_chunk_step if compile is None else compiled_values(fused_chunk_step, compile)
     with one_thread_if_threads_sleep(x.device):
         return step(R_c, R, x, q, R_0, gate_bias, *args)
