@@ -56,10 +56,9 @@ def _scan(f, b, e, writes, X0):
 
 
 class _StateScan(torch.autograd.Function):
-    """The scan without autograd's bookkeeping; the backward runs it in reverse: with D_c = dX_{c+1} (the gradient
-    of writes_c),
-    dW_c = G_W + f_c D_W, dS_c = G_S + b_c D_W + e_c D_S, and df_c = <D_W, W_c>, db_c = <D_W, S_c>,
-    de_c = <D_S, S_c> for all chunks at once."""
+    """The scan without autograd's bookkeeping. The backward runs it in reverse: with D_c = dX_{c+1} (which is
+    also the gradient of writes_c) and G the gradient of X_c, dW_c = G_W + f_c D_W and dS_c = G_S + b_c D_W + e_c D_S;
+    then df_c = <D_W, W_c>, db_c = <D_W, S_c>, de_c = <D_S, S_c> for all chunks at once."""
 
     @staticmethod
     def forward(ctx, f, b, e, writes, X0):
