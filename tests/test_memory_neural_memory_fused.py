@@ -1,4 +1,5 @@
-"""NeuralMemory's fast path for whole chunks (``neural_memory_fused``) against its reference ``_segment`` form."""
+"""NeuralMemory's fast paths for whole chunks against the reference ``_segment`` form: ``neural_memory_fused`` (Eq 90
+gradients) and ``neural_memory_call_start`` (``grad_at="call_start"``, a call's whole chunks at once)."""
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch
 import nested_learning.memory.neural_memory as nm
 from nested_learning.memory import NeuralMemory
 from nested_learning.memory.memories import MLPMemory
+from nested_learning.memory.neural_memory_call_start import state_scan, state_scan_reference
 
 
 def _pair(**kw):
@@ -41,6 +43,12 @@ def test_fast_path_equals_reference(retention, grad_clip, activation, cuts):
         for layer in (fast, ref):
             layer.memory = MLPMemory(4, 8, n_heads=2, activation=activation).double()
         ref.memory.load_state_dict(fast.memory.state_dict())
+    _assert_streams_agree(fast, ref, cuts)
+
+
+def _assert_streams_agree(fast, ref, cuts):
+    """Outputs, final fast weights, momenta and chunk weights, and the gradients of the input and of every slow
+    weight of the two layers on one stream split at ``cuts``."""
     x = torch.randn(2, 19, 8, dtype=torch.float64, requires_grad=True)
     (yf, sf), (yr, sr) = _stream(fast, x, cuts), _stream(ref, x, cuts)
     torch.testing.assert_close(yf, yr, rtol=0, atol=1e-10)
@@ -85,7 +93,7 @@ def test_whole_chunks_take_one_node_under_passive_waiting(two_real_threads, monk
     assert loops == [(2, 3)]  # (parts, chunks)
 
 
-def test_other_memories_and_call_start_gradients_keep_the_reference():
+def test_the_eq90_chunk_step_takes_mlp_memories_with_chunk_start_gradients():
     assert NeuralMemory(8, n_heads=2)._fast_chunks()
     assert not NeuralMemory(8, n_heads=2, memory="linear")._fast_chunks()
     assert not NeuralMemory(8, n_heads=2, grad_at="call_start")._fast_chunks()
@@ -117,3 +125,68 @@ def test_failed_compilation_warns_and_runs_eagerly():
         y = fast(x)[0]
     torch.testing.assert_close(y, ref(x)[0], rtol=0, atol=1e-10)
     assert fast.compile_backend is None
+
+
+@pytest.mark.parametrize("memory", ["mlp", "linear"])
+@pytest.mark.parametrize("retention", ["initial", "zero"])
+@pytest.mark.parametrize("grad_clip", [None, 0.5])
+@pytest.mark.parametrize("cuts", [[], [6, 13], [8]])
+def test_batched_call_start_chunks_equal_the_reference(memory, retention, grad_clip, cuts):
+    """``grad_at="call_start"``: a call's whole chunks at once against chunk after chunk, second order included,
+    whether calls start on a chunk boundary or inside one."""
+    fast, ref = _pair(memory=memory, retention=retention, grad_clip=grad_clip, grad_at="call_start")
+    _assert_streams_agree(fast, ref, cuts)
+
+
+def test_a_calls_whole_chunks_run_at_once(monkeypatch):
+    """A call that starts 2 tokens into a chunk: its first piece (2 tokens) and its tail (3) take ``_segment``,
+    its 3 whole chunks one batched call; the reference takes ``_segment`` for every piece."""
+    calls, segments = [], []
+    batched, segment = nm.call_start_chunks, NeuralMemory._segment
+    monkeypatch.setattr(nm, "call_start_chunks", lambda *a: calls.append(a[5].shape[1]) or batched(*a))
+    monkeypatch.setattr(NeuralMemory, "_segment", lambda self, *a: segments.append(a[3].shape[1]) or segment(self, *a))
+    fast, ref = _pair(grad_at="call_start")
+    _, state = fast(torch.randn(1, 2, 8, dtype=torch.float64))
+    fast(torch.randn(1, 2 + 12 + 3, 8, dtype=torch.float64), state)
+    assert calls == [12] and segments == [2, 2, 3]
+    segments.clear()
+    _, state = ref(torch.randn(1, 2, 8, dtype=torch.float64))
+    ref(torch.randn(1, 2 + 12 + 3, 8, dtype=torch.float64), state)
+    assert calls == [12] and segments == [2, 2, 4, 4, 4, 3]
+
+
+def test_which_memories_take_the_batched_form():
+    assert NeuralMemory(8, n_heads=2, grad_at="call_start")._batched_call_start()
+    assert NeuralMemory(8, n_heads=2, grad_at="call_start", memory="linear")._batched_call_start()
+    assert not NeuralMemory(8, n_heads=2, grad_at="call_start", fused=False)._batched_call_start()
+    assert not NeuralMemory(8, n_heads=2)._batched_call_start()
+
+    class Scaled(MLPMemory):  # a memory of its own: its forward_with may not take extra leading dimensions
+        def forward_with(self, linear, x):
+            return 2 * super().forward_with(linear, x)
+
+    custom = NeuralMemory(8, n_heads=2, grad_at="call_start", memory=Scaled(4, 8, n_heads=2))
+    assert not custom._batched_call_start()
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_state_scan_equals_its_reference(n):
+    """The scan's hand-written node against autograd through the loop: values and first derivatives, and the
+    second derivatives it takes through the reference under create_graph (fp64 gradcheck)."""
+    torch.manual_seed(n)
+    f, b, e = (torch.rand(3, n, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    writes = torch.randn(3, n, 2, 5, dtype=torch.float64, requires_grad=True)
+    X0 = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+    inputs = (f, b, e, writes, X0)
+    out, ref = state_scan(*inputs), state_scan_reference(*inputs)
+    for a, r in zip(out, ref):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-13)
+    g = [torch.randn_like(r) for r in ref]
+    got, want = torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g)
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(state_scan, inputs)
+    assert torch.autograd.gradgradcheck(state_scan, inputs)
+    with torch.no_grad():
+        for a, r in zip(state_scan(*inputs), ref):
+            torch.testing.assert_close(a, r, rtol=0, atol=1e-13)
