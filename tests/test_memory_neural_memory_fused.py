@@ -155,6 +155,21 @@ def test_a_calls_whole_chunks_run_at_once(monkeypatch):
     assert calls == [12] and segments == [2, 2, 4, 4, 4, 3]
 
 
+def test_a_long_call_runs_its_whole_chunks_in_bounded_groups(monkeypatch):
+    """The batched form holds every chunk's start memory at once: a call's whole chunks run in groups within
+    ``GROUP_BYTES`` (here two chunks), with the reference's results."""
+    import nested_learning.memory.neural_memory_call_start as call_start
+
+    calls = []
+    batched = nm.call_start_chunks
+    monkeypatch.setattr(nm, "call_start_chunks", lambda *a: calls.append(a[5].shape[1]) or batched(*a))
+    fast, ref = _pair(grad_at="call_start")
+    per_chunk = 2 * 8 * sum(w.numel() for w in fast.initial_state(2, dtype=torch.float64).weights)  # fp64 [W; S]
+    monkeypatch.setattr(call_start, "GROUP_BYTES", 2 * per_chunk)
+    _assert_streams_agree(fast, ref, [])  # 19 tokens: 4 whole chunks of 4, then 3
+    assert calls == [8, 8]
+
+
 def test_which_memories_take_the_batched_form():
     assert NeuralMemory(8, n_heads=2, grad_at="call_start")._batched_call_start()
     assert NeuralMemory(8, n_heads=2, grad_at="call_start", memory="linear")._batched_call_start()

@@ -70,7 +70,7 @@ from ..ops.threads import side_by_side_parts
 from .compiled_steps import warn_eager_fallback
 from .conv import ShortConv
 from .memories import FastWeightMemory, LinearMemory, MLPMemory
-from .neural_memory_call_start import call_start_chunks, dual_read
+from .neural_memory_call_start import call_start_chunks, chunks_at_once, dual_read
 from .neural_memory_chunk_grad import mlp_chunk_step_hand_grad
 from .neural_memory_chunk_loop import mlp_chunk_loop
 from .neural_memory_fused import gate_terms
@@ -364,8 +364,12 @@ class NeuralMemory(nn.Module):
             sizes = chunk_sizes(T, self.chunk_size, pos)
             if self._fast_chunks() or self._batched_call_start():
                 groups, p = [], pos
+                # the batched call-start form holds every chunk's start memory at once: bounded per group
+                most = self.chunk_size * (
+                    chunks_at_once(w_run, q.element_size()) if self._batched_call_start() else T
+                )
                 for n in sizes:
-                    if p == 0 and n == self.chunk_size and groups and groups[-1][0]:
+                    if p == 0 and n == self.chunk_size and groups and groups[-1][0] and groups[-1][1] < most:
                         groups[-1][1] += n
                     else:
                         groups.append([p == 0 and n == self.chunk_size, n])

@@ -14,6 +14,10 @@ loop with autograd's bookkeeping, is :func:`state_scan_reference`). Every chunk'
 over the chunks: the same dual form as the chunk-by-chunk reference (``NeuralMemory._segment``, which reads with
 :func:`dual_read` too), which this equals to rounding (tests, fp64: outputs, states and gradients).
 
+Holding every chunk's start memory costs memory linear in the call's length, so a long call runs its whole chunks in
+groups of at most ``GROUP_BYTES`` of such states (T = 16,384 tokens a group at ``NeuralMemory(256, n_heads=4,
+chunk_size=64, expansion=4)``, batch 1).
+
 Only ``"call_start"`` allows this: under Eq 90 (``"chunk_start"``) chunk c's gradient factors depend on W_c, so the
 chunks stay a sequential recurrence of products (``neural_memory_fused``).
 """
@@ -25,6 +29,16 @@ import torch
 from ..ops.reference_vjp import reference_vjp
 from ..ops.threads import one_thread_if_threads_sleep
 from .neural_memory_fused import gate_terms
+
+# the chunk-start memories and momenta one batched run holds (and as much again for the writes, and the gradients in
+# a backward): a long call runs its whole chunks in groups of this size, so that no-grad streaming stays bounded
+GROUP_BYTES = 256 * 2**20
+
+
+def chunks_at_once(weights, element_size: int) -> int:
+    """How many chunks one batched run takes: the most whose stacked [W; S] states fit in ``GROUP_BYTES``."""
+    per_chunk = 2 * element_size * sum(w.numel() for w in weights)
+    return max(1, GROUP_BYTES // per_chunk)
 
 
 def state_scan_reference(f, b, e, writes, X0):
