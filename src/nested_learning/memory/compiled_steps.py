@@ -47,9 +47,9 @@ def compiled(step, backend: str, small_products: bool = False):
 
 
 def _detached(x):
-    """Tensors detached, inside tuples and lists too; anything else as it is."""
+    """Tensors that require gradients detached, inside tuples and lists too; anything else as it is."""
     if isinstance(x, torch.Tensor):
-        return x.detach()
+        return x.detach() if x.requires_grad else x
     if type(x) in (tuple, list):
         return type(x)(_detached(t) for t in x)
     return x
