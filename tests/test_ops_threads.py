@@ -268,3 +268,20 @@ def test_run_side_by_side_raises_a_parts_error_after_every_part_ended(failing):
     with pytest.raises(ValueError, match=f"part {failing}"):
         run_side_by_side(part, [(0,), (1,)])
     assert done == [1 - failing]
+
+
+def test_a_worker_keeps_one_torch_thread_when_the_caller_sets_its_count_again(monkeypatch):
+    """ATen gives a thread the process-wide thread count at its first use; a worker made before the caller set its
+    count again (as every one-thread stretch does when it ends) still runs its parts on one torch thread."""
+    from nested_learning.ops import threads
+
+    monkeypatch.setitem(threads._POOL, "executor", None)
+    before = torch.get_num_threads()
+    pool = threads._worker_pool(1)
+    try:
+        pool.submit(lambda: None).result()  # the worker starts (its initializer runs) without a torch op
+        torch.set_num_threads(2)
+        assert pool.submit(torch.get_num_threads).result() == 1
+    finally:
+        torch.set_num_threads(before)
+        pool.shutdown()

@@ -183,6 +183,9 @@ def _worker_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
 
 
 def _one_torch_thread() -> None:
+    # ATen sets a thread's count from the process-wide one at the thread's first use (once): make that use first, or
+    # it would undo this choice whenever the caller has set its own count again before the worker's first op
+    torch.get_num_threads()
     torch.set_num_threads(1)
 
 
