@@ -314,14 +314,14 @@ def test_a_training_stream_runs_one_compiled_graph_of_the_layer(two_real_threads
     """Every whole-chunk call of a training stream, a fresh stream's first included (its convolution cache needs
     no gradient) and every call after a backward (which left one-thread bookkeeping behind, under passive waiting),
     runs the same compiled graph: the compiler builds it once."""
+    from nested_learning.ops.threads import BackwardOnOneThread
+
     torch._dynamo.reset()
     graphs = []
 
     def counting(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
-
-    from nested_learning.ops.threads import BackwardOnOneThread
 
     layer, _ = _fused_and_chunked()
     layer.compile_whole_chunk_calls(counting)
