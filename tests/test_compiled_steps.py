@@ -46,9 +46,8 @@ def test_small_products_become_loops_of_inductors_own():
 
 def test_a_function_without_autograd_compiles_once_whatever_its_inputs_require(monkeypatch):
     """``compiled_values`` passes the tensors that require gradients detached (inside tuples too): inputs that do or
-    do not require
-    gradients, as a stream's first chunk and its later ones give them, take one graph; ``compiled`` would build
-    one per pattern."""
+    do not require gradients, as a stream's first chunk and its later ones give them, take one graph; ``compiled``
+    would build one per pattern."""
     monkeypatch.setattr(compiled_steps, "_CACHE", {})
     graphs = []
 
