@@ -362,12 +362,11 @@ class NeuralMemory(nn.Module):
             # a call may start or end inside a chunk: chunks stay aligned to the stream's absolute positions.
             # Consecutive whole chunks from a boundary form one group of the fast path.
             sizes = chunk_sizes(T, self.chunk_size, pos)
-            if self._fast_chunks() or self._batched_call_start():
+            batched = self._batched_call_start()
+            if self._fast_chunks() or batched:
                 groups, p = [], pos
-                # the batched call-start form holds every chunk's start memory at once: bounded per group
-                most = self.chunk_size * (
-                    chunks_at_once(w_run, q.element_size()) if self._batched_call_start() else T
-                )
+                # the batched call-start form holds every group's chunk-start memories at once: groups bounded there
+                most = self.chunk_size * chunks_at_once(w_run, q.element_size()) if batched else T
                 for n in sizes:
                     if p == 0 and n == self.chunk_size and groups and groups[-1][0] and groups[-1][1] < most:
                         groups[-1][1] += n

@@ -2,7 +2,8 @@
 every chunk at once.
 
 With every gradient taken at the weights the call started with, the gradient factors (delta_t, a_t) of all tokens
-are known before the first chunk runs. What a chunk adds to the memory is then known too: over chunk c, in the
+are known before the first chunk runs. What a chunk adds to the memory is then known too: over chunk c, Titans'
+momentum and retention recurrences (``neural_memory``'s module docstring) unrolled over the chunk give, in the
 deviation from the initial memory (``retention="initial"``; the memory itself for ``"zero"``),
 
     W_{c+1} = f_c W_c + b_c S_c - dW_c,        S_{c+1} = e_c S_c - dS_c
