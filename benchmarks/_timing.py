@@ -35,9 +35,10 @@ def matmul_flops_per_s(n: int = 1024, dtype: torch.dtype = torch.float32, iters:
 def onednn_matmul_flops_per_s(n: int = 1024, iters: int = 5) -> float | None:
     """The same fp32 product through oneDNN's kernel (``ops/fast_linear.py``), or None where it does not run:
     PyTorch's own fp32 matmul calls MKL, which may take a generic path on CPUs it does not recognise."""
-    from nested_learning.ops.fast_linear import linear, onednn_applies
+    from nested_learning.ops.fast_linear import linear, onednn_applies, onednn_products
 
     a, b = torch.randn(n, n), torch.randn(n, n)
-    if not onednn_applies(a, b):
-        return None
-    return 2 * n**3 / time_fn(lambda: linear(a, b), warmup=2, iters=iters)
+    with onednn_products():
+        if not onednn_applies(a, b):
+            return None
+        return 2 * n**3 / time_fn(lambda: linear(a, b), warmup=2, iters=iters)

@@ -1,6 +1,7 @@
-"""Training steps with the large products through oneDNN (the default, ``ops/fast_linear.py``: the LM head's, and the
-Transformer++'s attention and MLP projections over the whole sequence) against PyTorch's own product
-(``library_products()``), alternating step by step in one process.
+"""Training steps with the large products through oneDNN (``onednn_products()``, ``ops/fast_linear.py``: the LM
+head's, and the Transformer++'s attention and MLP projections over the whole sequence) against PyTorch's own product
+(``library_products()``), alternating step by step in one process. Which of the two the package takes by default on
+this CPU (``onednn_preferred()``: oneDNN where PyTorch's product is MKL's on an x86 CPU not made by Intel) is printed.
 
     python benchmarks/bench_head_products.py [--threads 2] [--steps 12] [--T 512] [--no-compile] [--quick]
 
@@ -20,7 +21,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first import of torch
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import matmul_flops_per_s, onednn_matmul_flops_per_s  # noqa: E402
 
 from nested_learning.models import build_model  # noqa: E402
-from nested_learning.ops.fast_linear import library_products  # noqa: E402
+from nested_learning.ops.fast_linear import library_products, onednn_preferred, onednn_products  # noqa: E402
 from nested_learning.training.cpu_memory import keep_freed_cpu_memory  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def compare(model, x: torch.Tensor, steps: int) -> dict:
     times = {"oneDNN": [], "PyTorch": []}
     for i in range(2 * (steps + 2)):
         name = "oneDNN" if i % 2 == 0 else "PyTorch"
-        with contextlib.nullcontext() if name == "oneDNN" else library_products():
+        with onednn_products() if name == "oneDNN" else library_products():
             start = time.perf_counter()
             step()
             if i >= 4:  # two warm-up steps each (the first compiles)
@@ -71,7 +71,8 @@ def main(argv=None) -> list:
     print(f"training step, tiny presets, vocab {vocab}, T = {T}, batch 1, fp32, {args.threads} thread(s), "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, median of {steps} steps each, alternating; "
           f"1024 x 1024 product: PyTorch {matmul_flops_per_s() / 1e9:.0f} GFLOP/s, oneDNN "
-          + (f"{onednn / 1e9:.0f} GFLOP/s" if onednn else "not available"))
+          + (f"{onednn / 1e9:.0f} GFLOP/s" if onednn else "not available")
+          + f"; default here: {'oneDNN' if onednn_preferred() else 'PyTorch'}")
     print(f"{'model':>16} {'oneDNN tok/s':>13} {'PyTorch tok/s':>14} {'speed-up':>9}")
     x = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0))
     rows = []

@@ -1,5 +1,5 @@
-"""The head's products through oneDNN (``ops/fast_linear.py``) against PyTorch's own, values and gradients, and the
-cases that fall back to PyTorch's product."""
+"""The head's products through oneDNN (``ops/fast_linear.py``) against PyTorch's own, values and gradients, the
+cases that fall back to PyTorch's product, and on which CPUs oneDNN is the default."""
 
 import pytest
 import torch
@@ -24,25 +24,28 @@ def test_linear_equals_the_library_product(M, K, N):
     """Against the exact (fp64) product, oneDNN's fp32 result is as close as PyTorch's own (both round sums of K
     products in some order)."""
     for x, w in _layouts(M, K, N):
-        assert fl.onednn_applies(x, w)
+        with fl.onednn_products():
+            assert fl.onednn_applies(x, w)
+            fast = fl.linear(x, w)
         exact = x.double() @ w.double().t()
-        err_fast = (fl.linear(x, w).double() - exact).abs().max().item()
+        err_fast = (fast.double() - exact).abs().max().item()
         err_library = (x @ w.t() - exact).abs().max().item()
         assert err_fast <= 4 * err_library + 1e-6 * exact.abs().max().item()
 
 
 def test_fallbacks_are_the_library_product(monkeypatch):
     x, w = torch.randn(5, 8), torch.randn(6, 8)
-    with fl.library_products():
+    with fl.onednn_products(), fl.library_products():  # the innermost choice holds
         assert not fl.onednn_applies(x, w)
-    assert not fl.onednn_applies(x.double(), w.double())
-    assert not fl.onednn_applies(x[None], w)  # 2-D operands only
-    assert not fl.onednn_applies(x[:0], w)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with fl.onednn_products():
+        assert not fl.onednn_applies(x.double(), w.double())
+        assert not fl.onednn_applies(x[None], w)  # 2-D operands only
+        assert not fl.onednn_applies(x[:0], w)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not fl.onednn_applies(x, w)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         assert not fl.onednn_applies(x, w)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not fl.onednn_applies(x, w)
-    monkeypatch.undo()
+        monkeypatch.undo()
     assert torch.equal(fl.linear(x.double(), w.double()), x.double() @ w.double().t())
     with fl.library_products():
         assert torch.equal(fl.linear(x, w), x @ w.t())
@@ -55,7 +58,8 @@ def test_head_linear_gradients_equal_f_linear(expanded):
     w = torch.randn(40, 16, generator=gen, requires_grad=True)
     outs = []
     for fn in (fl.head_linear, F.linear):
-        y = fn(x, w)
+        with fl.onednn_products():
+            y = fn(x, w)
         # a sum hands the backward a stride-0 gradient
         loss = y.sum() if expanded else (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(2))).sum()
         outs.append((y, *torch.autograd.grad(loss, (x, w))))
@@ -84,7 +88,7 @@ def test_models_train_the_same_with_either_product(name):
     layers' projections over the sequence)."""
     x = torch.randint(0, 500, (1, 64), generator=torch.Generator().manual_seed(4))
     results = []
-    for context in (fl.library_products, lambda: torch.enable_grad()):
+    for context in (fl.library_products, fl.onednn_products):
         torch.manual_seed(0)
         model = build_model(name, "tiny", vocab_size=500)
         with context():
@@ -101,10 +105,11 @@ def test_a_kernel_that_fails_falls_back_for_good(monkeypatch):
 
     monkeypatch.setitem(fl._KERNEL, "fn", broken)
     x, w = torch.randn(4, 8), torch.randn(5, 8)
-    with pytest.warns(RuntimeWarning, match="oneDNN"):
-        y = fl.linear(x, w)
-    assert torch.equal(y, x @ w.t())
-    assert not fl.onednn_applies(x, w)  # not tried again
+    with fl.onednn_products():
+        with pytest.warns(RuntimeWarning, match="oneDNN"):
+            y = fl.linear(x, w)
+        assert torch.equal(y, x @ w.t())
+        assert not fl.onednn_applies(x, w)  # not tried again
 
 
 def test_a_replaced_head_is_called_as_it_is():
@@ -121,10 +126,11 @@ def test_flop_counter_counts_the_kernel():
     from torch.utils.flop_counter import FlopCounterMode
 
     x, w = torch.randn(16, 128), torch.randn(300, 128)
-    with FlopCounterMode(display=False) as counter:
+    with fl.onednn_products(), FlopCounterMode(display=False) as counter:
         fl.linear(x, w)
     assert counter.get_total_flops() == 2 * 16 * 128 * 300
-    with FlopCounterMode(display=False) as counter:  # forward and backward of the head: three products
+    # forward and backward of the head: three products
+    with fl.onednn_products(), FlopCounterMode(display=False) as counter:
         fl.head_linear(x.requires_grad_(), w.requires_grad_()).sum().backward()
     assert counter.get_total_flops() == 3 * 2 * 16 * 128 * 300
 
@@ -135,7 +141,8 @@ def test_linear_layer_takes_the_kernel_for_a_plain_layer_over_enough_rows():
     torch.manual_seed(0)
     layer = torch.nn.Linear(16, 24, bias=False)
     x = torch.randn(2, fl.MIN_LAYER_ROWS, 16, requires_grad=True)
-    y = fl.linear_layer(layer, x)
+    with fl.onednn_products():
+        y = fl.linear_layer(layer, x)
     grads = torch.autograd.grad(y.square().sum(), (x, layer.weight))
     ref = layer(x)
     ref_grads = torch.autograd.grad(ref.square().sum(), (x, layer.weight))
@@ -174,7 +181,7 @@ def test_the_neural_memory_trains_the_same_with_either_product():
 
     x = torch.randn(1, 128, 64, generator=torch.Generator().manual_seed(1))
     results = []
-    for context in (fl.library_products, torch.enable_grad):
+    for context in (fl.library_products, fl.onednn_products):
         torch.manual_seed(0)
         layer = NeuralMemory(64, n_heads=2, chunk_size=16)
         with context():
@@ -184,3 +191,35 @@ def test_the_neural_memory_trains_the_same_with_either_product():
     assert len(results[0]) == len(results[1]) > 3
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "machine, vendor, has_mkl, expected",
+    [
+        ("x86_64", "AuthenticAMD", True, True),  # MKL's generic path: oneDNN
+        ("AMD64", "AuthenticAMD", True, True),
+        ("x86_64", "HygonGenuine", True, True),
+        ("x86_64", "GenuineIntel", True, False),  # MKL's own fast path
+        ("x86_64", "AuthenticAMD", False, False),  # a PyTorch without MKL: its own library is not MKL's
+        ("aarch64", None, True, False),
+        ("x86_64", None, True, False),  # unknown vendor: PyTorch's product
+    ],
+)
+def test_onednn_is_the_default_where_mkl_takes_its_generic_path(machine, vendor, has_mkl, expected):
+    assert fl.mkl_on_another_vendors_x86(machine, vendor, has_mkl) is expected
+
+
+def test_the_default_follows_this_cpu(monkeypatch):
+    x, w = torch.randn(5, 8), torch.randn(6, 8)
+    for preferred in (False, True):
+        monkeypatch.setattr(fl, "onednn_preferred", lambda p=preferred: p)
+        assert fl.onednn_applies(x, w) is (preferred and fl._kernel() is not None)
+        with fl.library_products():
+            assert not fl.onednn_applies(x, w)
+        with fl.onednn_products():
+            assert fl.onednn_applies(x, w) is (fl._kernel() is not None)
+
+
+def test_cpu_vendor_reads_this_machine():
+    vendor = fl.cpu_vendor()
+    assert vendor is None or (isinstance(vendor, str) and vendor)

@@ -1,44 +1,92 @@
-"""``x @ w.T`` for the large products with a language model's head, through oneDNN where PyTorch has it on CPU.
+"""``x @ w.T`` for the large products with a language model's head, through oneDNN on CPUs where PyTorch's own
+product is slow.
 
-PyTorch's fp32 ``mm`` on CPU calls MKL, which takes its generic code path on CPUs it does not recognise: on this
-project's AMD EPYC machine a 1024 x 1024 fp32 product ran at ~105 GFLOP/s per core through ``torch.mm`` and ~235
+PyTorch's fp32 ``mm`` on CPU calls MKL, which takes its generic code path on x86 CPUs of vendors other than Intel:
+on an AMD EPYC machine a 1024 x 1024 fp32 product ran at ~105 GFLOP/s per core through ``torch.mm`` and ~235
 through oneDNN (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor uses for linear layers), whose kernels
-use the CPU's AVX-512 units. The gap is widest for the head's products: one 16-token segment's logits
+use the CPU's AVX-512 units. The gap was widest for the head's products: one 16-token segment's logits
 (16 x 128 by 128 x 32000) took 1.7 ms against 0.7 ms at two threads, ``softmax @ W`` 1.2 against 0.4 ms, the head's
-weight gradient over 512 tokens 25 against 10 ms. The results equal ``torch.mm``'s to rounding (fp32 sums in
-another order; tests).
+weight gradient over 512 tokens 25 against 10 ms. On an Intel Xeon MKL takes its own fast path and oneDNN gained
+nothing (the 1024 x 1024 product 297 against 273 GFLOP/s at two threads, training steps 0.98x; a 16-row weight
+gradient 0.7 against 4.9 ms), so by default the products go through oneDNN only where MKL is PyTorch's library and
+the CPU is an x86 one not made by Intel (:func:`onednn_preferred`). The results equal ``torch.mm``'s to rounding
+(fp32 sums in another order; tests).
 
 :func:`linear` is the product without autograd, :func:`head_linear` the same with autograd (its backward's two
 products through oneDNN as well; under ``create_graph`` plain differentiable products), :func:`linear_layer` a
 bias-free ``nn.Linear`` through :func:`head_linear` over enough rows (the projections over a whole call of the Titans
 neural memory: 1.02-1.04x its eager training step at T=512-8192, 1.00-1.01x with its chunk step compiled; of the
 Transformer++'s attention and MLP: 1.02x / 1.05x its step at T=512 / 2048; 2 threads passive, alternating in one
-process; and of the DeltaNet and linear-attention layers). All fall back to PyTorch's own product off CPU,
-for dtypes other than fp32, under autocast, while ``torch.compile`` traces (the compiler chooses its own kernels),
-for tensor subclasses (e.g. FSDP's DTensor), where this PyTorch has no oneDNN, and inside :func:`library_products`
-(for comparisons).
+process, on the AMD machine; and of the DeltaNet and linear-attention layers). All take PyTorch's own product where
+oneDNN is not preferred, off CPU, for dtypes other than fp32, under autocast, while ``torch.compile`` traces (the
+compiler chooses its own kernels), for tensor subclasses (e.g. FSDP's DTensor), where this PyTorch has no oneDNN,
+and inside :func:`library_products`; :func:`onednn_products` takes oneDNN wherever it applies (both for
+comparisons).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import platform
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-_OFF = {"depth": 0}  # inside library_products()
+_FORCED: list = []  # the innermost library_products() / onednn_products(): False / True
 
 
 @contextlib.contextmanager
-def library_products():
-    """Within it, :func:`linear` and :func:`head_linear` use PyTorch's own product (for comparisons)."""
-    _OFF["depth"] += 1
+def _forced(use_onednn: bool):
+    _FORCED.append(use_onednn)
     try:
         yield
     finally:
-        _OFF["depth"] -= 1
+        _FORCED.pop()
+
+
+def library_products():
+    """Within it, :func:`linear` and :func:`head_linear` use PyTorch's own product (for comparisons)."""
+    return _forced(False)
+
+
+def onednn_products():
+    """Within it, :func:`linear` and :func:`head_linear` use oneDNN's kernel wherever it applies, whatever the CPU
+    (for comparisons)."""
+    return _forced(True)
+
+
+def cpu_vendor() -> str | None:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or None where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    # Windows names the vendor at the end of the processor string ("AMD64 Family 25 ..., AuthenticAMD")
+    last = platform.processor().replace(",", " ").split()
+    return last[-1] if last and last[-1] in ("GenuineIntel", "AuthenticAMD", "HygonGenuine") else None
+
+
+def mkl_on_another_vendors_x86(machine: str, vendor: str | None, has_mkl: bool) -> bool:
+    """Whether PyTorch's fp32 product is MKL's on an x86 CPU not made by Intel (where MKL takes its generic path)."""
+    x86 = machine.lower() in ("x86_64", "amd64", "x86", "i386", "i686")
+    return has_mkl and x86 and vendor is not None and vendor != "GenuineIntel"
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_preferred() -> bool:
+    """Whether :func:`linear` takes oneDNN's kernel by default here: PyTorch's product is MKL's, on an x86 CPU of
+    another vendor than Intel (see the module docstring). Read once per process."""
+    return mkl_on_another_vendors_x86(platform.machine(), cpu_vendor(), torch.backends.mkl.is_available())
+
+
+def _wanted() -> bool:
+    return _FORCED[-1] if _FORCED else onednn_preferred()
 
 
 def _onednn_kernel():
@@ -75,9 +123,10 @@ def _count_its_flops(op) -> None:
 
 
 def onednn_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether :func:`linear` takes oneDNN's kernel for these operands (2-D, fp32, plain CPU tensors)."""
+    """Whether :func:`linear` takes oneDNN's kernel for these operands (2-D, fp32, plain CPU tensors) on this CPU
+    (:func:`onednn_preferred`, or inside :func:`onednn_products`)."""
     return (
-        not _OFF["depth"]
+        _wanted()
         and x.device.type == "cpu"
         and w.device.type == "cpu"
         and x.dtype == torch.float32
