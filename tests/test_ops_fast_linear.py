@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from nested_learning.models import build_model
+from nested_learning.ops import cpu
 from nested_learning.ops import fast_linear as fl
 
 needs_onednn = pytest.mark.skipif(fl._kernel() is None, reason="this PyTorch has no oneDNN linear kernel")
@@ -206,7 +207,7 @@ def test_the_neural_memory_trains_the_same_with_either_product():
     ],
 )
 def test_onednn_is_the_default_where_mkl_takes_its_generic_path(machine, vendor, has_mkl, expected):
-    assert fl.mkl_on_another_vendors_x86(machine, vendor, has_mkl) is expected
+    assert cpu.mkl_on_another_vendors_x86(machine, vendor, has_mkl) is expected
 
 
 def test_the_default_follows_this_cpu(monkeypatch):
@@ -221,5 +222,5 @@ def test_the_default_follows_this_cpu(monkeypatch):
 
 
 def test_cpu_vendor_reads_this_machine():
-    vendor = fl.cpu_vendor()
+    vendor = cpu.cpu_vendor()
     assert vendor is None or (isinstance(vendor, str) and vendor)

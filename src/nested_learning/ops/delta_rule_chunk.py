@@ -39,6 +39,7 @@ import torch
 
 from ._common import chunk_log_decay, decay_matrix, factored_decay_ok, to_chunks
 from ._common import scale_rows as _rows
+from .cpu import mkl_generic_path
 from .threads import in_side_by_side_part, threads_sleep_between_ops
 from .threads import one_thread_if_threads_sleep as _one_thread
 
@@ -72,7 +73,8 @@ def unit_lower_inverse_blocked(L: torch.Tensor) -> torch.Tensor:
     recurse together as one batch of twice the size, down to blocks of ``_SUBSTITUTION_SIZE`` solved by row
     substitution. A batched LAPACK solve handles one small matrix per call (about 16 us for 64 x 64 here); these are
     a few batched products over all matrices at once: for 512 blocks of 64 (the chunked delta rule at T = 8192, four
-    heads) 4.5 ms against the solve's 8 ms at one thread, and 3.7 ms at two threads, where the solve took 25 ms.
+    heads) 4.5 ms against the solve's 8 ms at one thread, and 3.7 ms at two threads, where the solve took 25 ms, on
+    an AMD EPYC machine (MKL's generic path; on an Intel Xeon MKL's solve won, see ``_uses_blocked_inverse``).
     Equals ``unit_lower_inverse_reference`` up to rounding (same substitution, reordered).
     """
     lead, n = L.shape[:-2], L.shape[-1]
@@ -128,8 +130,13 @@ def _unit_lower_inverse_in_place_levels(L: torch.Tensor) -> torch.Tensor:
 
 
 def _uses_blocked_inverse(L: torch.Tensor) -> bool:
-    """Many matrices of 32 rows or more: the blocked form wins; a few small ones: the per-matrix solve."""
+    """Many matrices of 32 rows or more: the blocked form wins; a few small ones: the per-matrix solve. On a CPU
+    whose MKL takes its own fast path (``ops.cpu.mkl_generic_path`` false, e.g. an Intel Xeon) the solve always: there
+    it ran 2.6x faster than the blocked form on 32 matrices of 64 at one thread (the chunked delta rule at T = 8192,
+    four heads: forward 1.09-1.13x, forward and backward 1.04-1.06x at 1 and 2 threads, either wait policy)."""
     n = L.shape[-1]
+    if L.device.type == "cpu" and not mkl_generic_path():
+        return False
     return n >= 32 and L.numel() >= 32 * n * n
 
 

@@ -9,8 +9,8 @@ use the CPU's AVX-512 units. The gap was widest for the head's products: one 16-
 weight gradient over 512 tokens 25 against 10 ms. On an Intel Xeon MKL takes its own fast path and oneDNN gained
 nothing (the 1024 x 1024 product 297 against 273 GFLOP/s at two threads, training steps 0.98x; a 16-row weight
 gradient 0.7 against 4.9 ms), so by default the products go through oneDNN only where MKL is PyTorch's library and
-the CPU is an x86 one not made by Intel (:func:`onednn_preferred`). The results equal ``torch.mm``'s to rounding
-(fp32 sums in another order; tests).
+the CPU is an x86 one not made by Intel (:func:`onednn_preferred`, ``ops/cpu.py``). The results equal
+``torch.mm``'s to rounding (fp32 sums in another order; tests).
 
 :func:`linear` is the product without autograd, :func:`head_linear` the same with autograd (its backward's two
 products through oneDNN as well; under ``create_graph`` plain differentiable products), :func:`linear_layer` a
@@ -27,13 +27,13 @@ comparisons).
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-import platform
 import warnings
 
 import torch
 import torch.nn.functional as F
+
+from .cpu import mkl_generic_path
 
 _FORCED: list = []  # the innermost library_products() / onednn_products(): False / True
 
@@ -58,31 +58,10 @@ def onednn_products():
     return _forced(True)
 
 
-def cpu_vendor() -> str | None:
-    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or None where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    # Windows names the vendor at the end of the processor string ("AMD64 Family 25 ..., AuthenticAMD")
-    last = platform.processor().replace(",", " ").split()
-    return last[-1] if last and last[-1] in ("GenuineIntel", "AuthenticAMD", "HygonGenuine") else None
-
-
-def mkl_on_another_vendors_x86(machine: str, vendor: str | None, has_mkl: bool) -> bool:
-    """Whether PyTorch's fp32 product is MKL's on an x86 CPU not made by Intel (where MKL takes its generic path)."""
-    x86 = machine.lower() in ("x86_64", "amd64", "x86", "i386", "i686")
-    return has_mkl and x86 and vendor is not None and vendor != "GenuineIntel"
-
-
-@functools.lru_cache(maxsize=1)
 def onednn_preferred() -> bool:
     """Whether :func:`linear` takes oneDNN's kernel by default here: PyTorch's product is MKL's, on an x86 CPU of
-    another vendor than Intel (see the module docstring). Read once per process."""
-    return mkl_on_another_vendors_x86(platform.machine(), cpu_vendor(), torch.backends.mkl.is_available())
+    another vendor than Intel (``ops.cpu.mkl_generic_path``; see the module docstring)."""
+    return mkl_generic_path()
 
 
 def _wanted() -> bool:
