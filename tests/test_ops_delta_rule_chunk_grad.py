@@ -112,6 +112,7 @@ def test_delta_rule_takes_the_hand_written_group_where_decays_factor(monkeypatch
 def test_group_size_rule(monkeypatch):
     cpu, f32 = torch.device("cpu"), torch.float32
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(dc, "GROUP_BYTES", 512 * 1024)
     # (G, 4, 64, 64) fp32 intermediates of 64 KiB per chunk: 8 chunks in 512 KiB
     assert dc.chunks_per_group(128, 4, 64, 64, cpu, f32) == 8
     assert dc.chunks_per_group(5, 4, 64, 64, cpu, f32) == 5
@@ -121,6 +122,7 @@ def test_group_size_rule(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert dc.chunks_per_group(128, 4, 64, 64, cpu, f32) == 128
     monkeypatch.undo()
+    monkeypatch.setattr(dc, "GROUP_BYTES", 512 * 1024)
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert dc.chunks_per_group(128, 4, 64, 64, cpu, f32) == 128  # sleeping threads: fewer, larger ops
@@ -128,19 +130,19 @@ def test_group_size_rule(monkeypatch):
     assert dc.chunks_per_group(128, 4, 64, 64, cpu, f32) == 8
 
 
-def test_a_side_by_side_part_takes_larger_groups(monkeypatch):
-    """Inside a part of ``run_side_by_side`` (on the caller's thread and on a worker) the group budget is
-    ``SIDE_BY_SIDE_GROUP_BYTES``; outside, ``GROUP_BYTES`` again."""
-    from nested_learning.ops.threads import in_side_by_side_part, run_side_by_side
+def test_the_group_budget_is_one_cores_l2_cache(monkeypatch):
+    """Unset, ``GROUP_BYTES`` is the L2 cache of one core (``ops.cpu.l2_cache_bytes``), else 1 MiB; inside the parts
+    of a side-by-side run too."""
+    from nested_learning.ops.threads import run_side_by_side
 
     cpu, f32 = torch.device("cpu"), torch.float32
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-
-    def group(_):
-        return in_side_by_side_part(), dc.chunks_per_group(128, 4, 64, 64, cpu, f32)
-
-    assert run_side_by_side(group, [(0,), (1,)]) == [(True, 16), (True, 16)]  # 64 KiB chunks in 1 MiB
-    assert group(None) == (False, 8)
+    monkeypatch.setattr(dc, "GROUP_BYTES", None)
+    monkeypatch.setattr(dc, "l2_cache_bytes", lambda: 2 * 2**20)
+    assert dc.chunks_per_group(128, 4, 64, 64, cpu, f32) == 32  # 64 KiB chunks in 2 MiB
+    assert run_side_by_side(lambda _: dc.chunks_per_group(128, 4, 64, 64, cpu, f32), [(0,), (1,)]) == [32, 32]
+    monkeypatch.setattr(dc, "l2_cache_bytes", lambda: None)
+    assert dc.chunks_per_group(128, 4, 64, 64, cpu, f32) == 16
 
 
 def test_bf16_inputs_are_grouped_by_their_fp32_compute_size(monkeypatch):

@@ -4,7 +4,8 @@ PyTorch's fp32 products and triangular solves on x86 call MKL, which takes its o
 generic one on other vendors' (on an AMD EPYC machine a 1024 x 1024 product ran at ~105 GFLOP/s a core against ~235
 through oneDNN, and a batched 64 x 64 triangular solve at half the speed of this package's blocked inverse; on an
 Intel Xeon MKL's product was the faster of the two and its solve 2.6x faster than the blocked inverse). Where a
-choice between kernels depends on that, it asks :func:`mkl_generic_path`.
+choice between kernels depends on that, it asks :func:`mkl_generic_path`; where a working set should fit a cache,
+:func:`l2_cache_bytes`.
 """
 
 from __future__ import annotations
@@ -41,3 +42,38 @@ def mkl_on_another_vendors_x86(machine: str, vendor: str | None, has_mkl: bool) 
 def mkl_generic_path() -> bool:
     """:func:`mkl_on_another_vendors_x86` for this machine and this PyTorch, read once per process."""
     return mkl_on_another_vendors_x86(platform.machine(), cpu_vendor(), torch.backends.mkl.is_available())
+
+
+def _cache_size_bytes(text: str) -> int | None:
+    """``"2048K"``, ``"1M"``, ``"512"`` (sysfs' cache sizes) in bytes, or None."""
+    text = text.strip().upper()
+    scale = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
+    digits = text[:-1] if text[-1:] in "KMG" else text
+    return int(digits) * scale if digits.isdigit() and int(digits) > 0 else None
+
+
+def l2_cache_bytes_in(cache_dir: str) -> int | None:
+    """The size of the level-2 data (or unified) cache listed under ``cache_dir`` (Linux sysfs' ``.../cpu0/cache``:
+    one ``index*`` folder per cache with ``level``, ``type`` and ``size``), or None."""
+    import glob
+    import os
+
+    for index in sorted(glob.glob(os.path.join(cache_dir, "index*"))):
+        try:
+            with open(os.path.join(index, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(index, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(index, "size")) as f:
+                size = _cache_size_bytes(f.read())
+        except OSError:
+            continue
+        if level == "2" and kind in ("Unified", "Data") and size:
+            return size
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def l2_cache_bytes() -> int | None:
+    """One core's L2 cache in bytes (Linux; the first CPU's), or None where it cannot be read. Read once."""
+    return l2_cache_bytes_in("/sys/devices/system/cpu/cpu0/cache")

@@ -24,7 +24,7 @@ column scales of the matmuls (no C x C exp); otherwise the masked differences ex
 which is exact for any alpha in (0, 1].
 
 Groups: on CPU the chunks go through those batched steps a group at a time (``chunks_per_group``: groups whose
-intermediates stay in cache), the state carried from one group to the next; with factored decays each group is one
+intermediates stay in one core's L2 cache), the state carried from one group to the next; with factored decays each group is one
 autograd node with a hand-written backward (``delta_rule_chunk_grad``), else autograd differentiates
 ``_chunk_group``.
 
@@ -39,9 +39,9 @@ import torch
 
 from ._common import chunk_log_decay, decay_matrix, factored_decay_ok, to_chunks
 from ._common import scale_rows as _rows
-from .cpu import mkl_generic_path
-from .threads import in_side_by_side_part, threads_sleep_between_ops
+from .cpu import l2_cache_bytes, mkl_generic_path
 from .threads import one_thread_if_threads_sleep as _one_thread
+from .threads import threads_sleep_between_ops
 
 
 def unit_lower_inverse_reference(L: torch.Tensor) -> torch.Tensor:
@@ -248,35 +248,40 @@ def _intra_chunk_masked(q, k, eta, g, g_prev, read):
     return L, (q @ k.mT) * decay_read
 
 
-# Bytes of one (G, B*H, C, D) intermediate of a chunk group on CPU (see chunks_per_group): a few of them fit the
-# per-core L2 caches of current CPUs (1-2 MiB).
-GROUP_BYTES = 512 * 1024
-# The same inside one part of a side-by-side run (``delta_rule_side_by_side``): there every op also hands the
-# interpreter lock to the other part's thread, so fewer, larger ops win over a group that fits the cache
-# (T=8192, four heads in two parts, 2 threads, alternating, medians of 28 runs: forward 37.5 against 39.4 ms,
-# forward+backward 94.7 against 97.2; at one thread without parts 1 MiB ran as 512 KiB, within noise).
-SIDE_BY_SIDE_GROUP_BYTES = 1024 * 1024
+# Bytes of one (G, B*H, C, D) intermediate of a chunk group on CPU (see chunks_per_group); None: one core's L2 cache
+# (``ops.cpu.l2_cache_bytes``), or DEFAULT_GROUP_BYTES where the cache size cannot be read.
+GROUP_BYTES: int | None = None
+DEFAULT_GROUP_BYTES = 1024 * 1024
+
+
+def group_bytes() -> int:
+    """The chunk groups' budget per intermediate: ``GROUP_BYTES`` if set, else one core's L2 cache."""
+    if GROUP_BYTES is not None:
+        return GROUP_BYTES
+    return l2_cache_bytes() or DEFAULT_GROUP_BYTES
 
 
 def chunks_per_group(N: int, BH: int, C: int, D: int, device: torch.device, dtype: torch.dtype) -> int:
     """How many chunks ``delta_rule_chunk`` takes through its batched steps at a time (all N, or fewer on CPU).
 
     On CPU the intermediates of a whole long sequence (eight (N, B*H, C, D) tensors and more) spill from cache to
-    memory between one product and the next; a group of chunks whose tensors stay near ``GROUP_BYTES`` each is read
-    back from cache instead: a batched (64 x 64) product runs at 98 GFLOP/s over 32 matrices against 71 over 512 at
-    one thread here (the forward at T = 8192, four heads of 64: 59 -> 44 ms at one thread, docs/results/bench_ops.md).
-    Not on other devices, which want the largest batches, nor while torch.compile traces the code, nor when idle
-    threads sleep between ops (OMP_WAIT_POLICY=PASSIVE with more than one thread): there each op of a group pays a
-    wake-up, and fewer, larger ops win (at two threads the forward took about 35 ms whole, 46 ms in groups of 16).
-    Inside one part of a side-by-side run the budget is ``SIDE_BY_SIDE_GROUP_BYTES``.
+    memory between one product and the next; a group of chunks whose tensors stay near ``group_bytes()`` each (one
+    core's L2 cache) is read back from cache instead: a batched (64 x 64) product ran at 98 GFLOP/s over 32 matrices
+    against 71 over 512 at one thread on an AMD EPYC (the forward at T = 8192, four heads of 64: 59 -> 44 ms at one
+    thread, docs/results/bench_ops.md). The budget follows the cache: 512 KiB, 1 MiB and 2 MiB ran within noise of
+    each other there (1 MiB of L2 a core), while on an Intel Xeon (2 MiB a core) 2 MiB ran the forward 1.16x faster
+    than 512 KiB at one thread and 1.25x with two threads spinning, and inside the parts of a side-by-side run
+    1.15x faster than 1 MiB (forward and backward: 1.07x, 1.16x, 1.03x). Not on other devices, which want the
+    largest batches, nor while torch.compile traces the code, nor when idle threads sleep between ops
+    (OMP_WAIT_POLICY=PASSIVE with more than one thread): there each op of a group pays a wake-up, and fewer, larger
+    ops win (at two threads the forward took about 35 ms whole, 46 ms in groups of 16).
     """
     if device.type != "cpu" or torch.compiler.is_compiling():
         return N
     if torch.get_num_threads() > 1 and threads_sleep_between_ops():
         return N
     per_chunk = BH * C * max(C, D) * torch.finfo(dtype).bits // 8
-    budget = SIDE_BY_SIDE_GROUP_BYTES if in_side_by_side_part() else GROUP_BYTES
-    return max(1, min(N, budget // per_chunk))
+    return max(1, min(N, group_bytes() // per_chunk))
 
 
 def delta_rule_chunk(q, k, v, eta, alpha, initial_state, chunk_size, read, dtype):

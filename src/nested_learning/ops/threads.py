@@ -189,25 +189,8 @@ def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
-_PART = threading.local()  # inside one part of run_side_by_side (on its thread)
-
-
-def in_side_by_side_part() -> bool:
-    """Whether this thread is running one part of ``run_side_by_side`` (the caller's part included)."""
-    return getattr(_PART, "on", False)
-
-
-@contextlib.contextmanager
-def _as_part():
-    before, _PART.on = in_side_by_side_part(), True
-    try:
-        yield
-    finally:
-        _PART.on = before
-
-
 def _without_grad(fn, args):
-    with torch.no_grad(), _as_part():  # grad mode is per thread: a worker starts with it on
+    with torch.no_grad():  # grad mode is per thread: a worker starts with it on
         return fn(*args)
 
 
@@ -217,7 +200,7 @@ def run_side_by_side(fn, parts: list) -> list:
     autograd function's forward and backward). A worker's error is raised here."""
     futures = [_worker_pool(len(parts) - 1).submit(_without_grad, fn, args) for args in parts[1:]]
     try:
-        with one_thread_if_threads_sleep(torch.device("cpu")), torch.no_grad(), _as_part():
+        with one_thread_if_threads_sleep(torch.device("cpu")), torch.no_grad():
             first = fn(*parts[0])
     finally:
         concurrent.futures.wait(futures)  # every part has finished, also when the first failed
