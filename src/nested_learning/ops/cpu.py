@@ -10,7 +10,8 @@ choice between kernels depends on that, it asks :func:`mkl_generic_path`; where 
 
 from __future__ import annotations
 
-import functools
+import glob
+import os
 import platform
 
 import torch
@@ -38,10 +39,13 @@ def mkl_on_another_vendors_x86(machine: str, vendor: str | None, has_mkl: bool) 
     return has_mkl and machine.lower() in X86 and vendor is not None and vendor != "GenuineIntel"
 
 
-@functools.lru_cache(maxsize=1)
+_MKL_GENERIC_PATH = mkl_on_another_vendors_x86(platform.machine(), cpu_vendor(), torch.backends.mkl.is_available())
+
+
 def mkl_generic_path() -> bool:
-    """:func:`mkl_on_another_vendors_x86` for this machine and this PyTorch, read once per process."""
-    return mkl_on_another_vendors_x86(platform.machine(), cpu_vendor(), torch.backends.mkl.is_available())
+    """:func:`mkl_on_another_vendors_x86` for this machine and this PyTorch (read at import, so that compiled code
+    can ask too)."""
+    return _MKL_GENERIC_PATH
 
 
 def _cache_size_bytes(text: str) -> int | None:
@@ -55,9 +59,6 @@ def _cache_size_bytes(text: str) -> int | None:
 def l2_cache_bytes_in(cache_dir: str) -> int | None:
     """The size of the level-2 data (or unified) cache listed under ``cache_dir`` (Linux sysfs' ``.../cpu0/cache``:
     one ``index*`` folder per cache with ``level``, ``type`` and ``size``), or None."""
-    import glob
-    import os
-
     for index in sorted(glob.glob(os.path.join(cache_dir, "index*"))):
         try:
             with open(os.path.join(index, "level")) as f:
@@ -73,7 +74,9 @@ def l2_cache_bytes_in(cache_dir: str) -> int | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
+_L2_CACHE_BYTES = l2_cache_bytes_in("/sys/devices/system/cpu/cpu0/cache")
+
+
 def l2_cache_bytes() -> int | None:
-    """One core's L2 cache in bytes (Linux; the first CPU's), or None where it cannot be read. Read once."""
-    return l2_cache_bytes_in("/sys/devices/system/cpu/cpu0/cache")
+    """One core's L2 cache in bytes (Linux; the first CPU's), or None where it cannot be read (read at import)."""
+    return _L2_CACHE_BYTES
