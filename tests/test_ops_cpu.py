@@ -1,6 +1,8 @@
 """What the package reads about the CPU (``ops/cpu.py``): the cache size the chunk groups are sized by and which
 CPUs take MKL's generic path."""
 
+import pytest
+
 from nested_learning.ops import cpu
 
 
@@ -36,3 +38,24 @@ def test_cache_sizes_in_every_unit():
 def test_this_machine_reads_a_plausible_l2_cache_or_none():
     size = cpu.l2_cache_bytes()
     assert size is None or 64 * 1024 <= size <= 64 * 2**20
+
+
+@pytest.mark.parametrize(
+    "machine, vendor, has_mkl, expected",
+    [
+        ("x86_64", "AuthenticAMD", True, True),  # MKL's generic path
+        ("AMD64", "AuthenticAMD", True, True),
+        ("x86_64", "HygonGenuine", True, True),
+        ("x86_64", "GenuineIntel", True, False),  # MKL's own fast path
+        ("x86_64", "AuthenticAMD", False, False),  # a PyTorch without MKL: its own library is not MKL's
+        ("aarch64", None, True, False),
+        ("x86_64", None, True, False),  # unknown vendor: counted as Intel's
+    ],
+)
+def test_mkl_takes_its_generic_path_on_other_vendors_x86_cpus(machine, vendor, has_mkl, expected):
+    assert cpu.mkl_on_another_vendors_x86(machine, vendor, has_mkl) is expected
+
+
+def test_cpu_vendor_reads_this_machine():
+    vendor = cpu.cpu_vendor()
+    assert vendor is None or (isinstance(vendor, str) and vendor)

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from nested_learning.models import build_model
-from nested_learning.ops import cpu
 from nested_learning.ops import fast_linear as fl
 
 needs_onednn = pytest.mark.skipif(fl._kernel() is None, reason="this PyTorch has no oneDNN linear kernel")
@@ -194,22 +193,6 @@ def test_the_neural_memory_trains_the_same_with_either_product():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "machine, vendor, has_mkl, expected",
-    [
-        ("x86_64", "AuthenticAMD", True, True),  # MKL's generic path: oneDNN
-        ("AMD64", "AuthenticAMD", True, True),
-        ("x86_64", "HygonGenuine", True, True),
-        ("x86_64", "GenuineIntel", True, False),  # MKL's own fast path
-        ("x86_64", "AuthenticAMD", False, False),  # a PyTorch without MKL: its own library is not MKL's
-        ("aarch64", None, True, False),
-        ("x86_64", None, True, False),  # unknown vendor: PyTorch's product
-    ],
-)
-def test_onednn_is_the_default_where_mkl_takes_its_generic_path(machine, vendor, has_mkl, expected):
-    assert cpu.mkl_on_another_vendors_x86(machine, vendor, has_mkl) is expected
-
-
 def test_the_default_follows_this_cpu(monkeypatch):
     x, w = torch.randn(5, 8), torch.randn(6, 8)
     for preferred in (False, True):
@@ -219,8 +202,3 @@ def test_the_default_follows_this_cpu(monkeypatch):
             assert not fl.onednn_applies(x, w)
         with fl.onednn_products():
             assert fl.onednn_applies(x, w) is (fl._kernel() is not None)
-
-
-def test_cpu_vendor_reads_this_machine():
-    vendor = cpu.cpu_vendor()
-    assert vendor is None or (isinstance(vendor, str) and vendor)

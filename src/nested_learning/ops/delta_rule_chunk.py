@@ -24,8 +24,8 @@ column scales of the matmuls (no C x C exp); otherwise the masked differences ex
 which is exact for any alpha in (0, 1].
 
 Groups: on CPU the chunks go through those batched steps a group at a time (``chunks_per_group``: groups whose
-intermediates stay in one core's L2 cache), the state carried from one group to the next; with factored decays each group is one
-autograd node with a hand-written backward (``delta_rule_chunk_grad``), else autograd differentiates
+intermediates stay in one core's L2 cache), the state carried from one group to the next; with factored decays each
+group is one autograd node with a hand-written backward (``delta_rule_chunk_grad``), else autograd differentiates
 ``_chunk_group``.
 
 Layout: chunk-major, (N, B*H, C, D), so that the per-chunk recurrence reads and writes contiguous (B*H, D, D)
@@ -271,7 +271,7 @@ def chunks_per_group(N: int, BH: int, C: int, D: int, device: torch.device, dtyp
     thread, docs/results/bench_ops.md). The budget follows the cache: 512 KiB, 1 MiB and 2 MiB ran within noise of
     each other there (1 MiB of L2 a core), while on an Intel Xeon (2 MiB a core) 2 MiB ran the forward 1.16x faster
     than 512 KiB at one thread and 1.25x with two threads spinning, and inside the parts of a side-by-side run
-    1.15x faster than 1 MiB (forward and backward: 1.07x, 1.16x, 1.03x). Not on other devices, which want the
+    1.15x faster than 1 MiB (forward and backward: 1.08x, 1.16x, 1.03x). Not on other devices, which want the
     largest batches, nor while torch.compile traces the code, nor when idle threads sleep between ops
     (OMP_WAIT_POLICY=PASSIVE with more than one thread): there each op of a group pays a wake-up, and fewer, larger
     ops win (at two threads the forward took about 35 ms whole, 46 ms in groups of 16).

@@ -7,10 +7,10 @@ through oneDNN (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor uses
 use the CPU's AVX-512 units. The gap was widest for the head's products: one 16-token segment's logits
 (16 x 128 by 128 x 32000) took 1.7 ms against 0.7 ms at two threads, ``softmax @ W`` 1.2 against 0.4 ms, the head's
 weight gradient over 512 tokens 25 against 10 ms. On an Intel Xeon MKL takes its own fast path and oneDNN gained
-nothing (the 1024 x 1024 product 297 against 273 GFLOP/s at two threads, training steps 0.98x; a 16-row weight
-gradient 0.7 against 4.9 ms), so by default the products go through oneDNN only where MKL is PyTorch's library and
-the CPU is an x86 one not made by Intel (:func:`onednn_preferred`, ``ops/cpu.py``). The results equal
-``torch.mm``'s to rounding (fp32 sums in another order; tests).
+nothing (the 1024 x 1024 product 275-297 against 267-273 GFLOP/s at two threads, training steps 0.94-1.00x; a
+16-row weight gradient 0.7 against 4.9 ms), so by default the products go through oneDNN only where MKL is
+PyTorch's library and the CPU is an x86 one not made by Intel (:func:`onednn_preferred`, ``ops/cpu.py``). The
+results equal ``torch.mm``'s to rounding (fp32 sums in another order; tests).
 
 :func:`linear` is the product without autograd, :func:`head_linear` the same with autograd (its backward's two
 products through oneDNN as well; under ``create_graph`` plain differentiable products), :func:`linear_layer` a
