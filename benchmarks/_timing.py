@@ -42,3 +42,31 @@ def onednn_matmul_flops_per_s(n: int = 1024, iters: int = 5) -> float | None:
         if not onednn_applies(a, b):
             return None
         return 2 * n**3 / time_fn(lambda: linear(a, b), warmup=2, iters=iters)
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel lists it (Linux), else the platform's processor string."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    """One line naming the CPU and the kernels this package chose for it (``ops/cpu.py``): figures from different
+    machines are not comparable, and the output says which machine gave them."""
+    from nested_learning.ops.cpu import cpu_vendor, l2_cache_bytes, mkl_generic_path
+    from nested_learning.ops.fast_linear import onednn_preferred
+
+    l2 = l2_cache_bytes()
+    return (
+        f"cpu: {cpu_model()} ({cpu_vendor() or 'vendor unknown'}), L2 {f'{l2 // 1024} KiB' if l2 else 'unknown'} a core,"
+        f" torch {torch.__version__}; MKL generic path: {'yes' if mkl_generic_path() else 'no'}, large products"
+        f" through {'oneDNN' if onednn_preferred() else 'PyTorch (MKL)'}"
+    )

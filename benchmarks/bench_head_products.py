@@ -29,7 +29,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import matmul_flops_per_s, onednn_matmul_flops_per_s  # noqa: E402
+from _timing import machine_line, matmul_flops_per_s, onednn_matmul_flops_per_s  # noqa: E402
 
 from nested_learning.models import build_model  # noqa: E402
 from nested_learning.ops.fast_linear import library_products, onednn_preferred, onednn_products  # noqa: E402
@@ -73,6 +73,7 @@ def main(argv=None) -> list:
           f"1024 x 1024 product: PyTorch {matmul_flops_per_s() / 1e9:.0f} GFLOP/s, oneDNN "
           + (f"{onednn / 1e9:.0f} GFLOP/s" if onednn else "not available")
           + f"; default here: {'oneDNN' if onednn_preferred() else 'PyTorch'}")
+    print(machine_line())
     print(f"{'model':>16} {'oneDNN tok/s':>13} {'PyTorch tok/s':>14} {'speed-up':>9}")
     x = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0))
     rows = []

@@ -69,7 +69,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import matmul_flops_per_s, onednn_matmul_flops_per_s, time_fn  # noqa: E402
+from _timing import machine_line, matmul_flops_per_s, onednn_matmul_flops_per_s, time_fn  # noqa: E402
 
 from nested_learning.ops import delta_rule  # noqa: E402
 from nested_learning.ops.delta_rule_side_by_side import no_side_by_side, side_by_side_split  # noqa: E402
@@ -155,6 +155,7 @@ def main() -> None:
         f" OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')},"
         f" allocator {'keep-freed' if kept else 'default'}, load average {os.getloadavg()[0]:.1f}"
     )
+    print(machine_line())
     print(
         f"{'T':>6} {'pass':>8} {'chunk ms':>10} {'recur ms':>10} {'ratio':>8} {'GFLOP/s':>9} {'matmul':>9} {'fraction':>9} {'executed':>9}"
     )

@@ -383,6 +383,10 @@ def main() -> int:
 
     print(f"\nbatch 1, fp32, {args.threads} threads, OMP_WAIT_POLICY={args.omp_wait.upper()}, allocator "
           f"{args.allocator}, fastest of {rounds} rounds x {args.reps} runs, load average {os.getloadavg()[0]:.1f}")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _timing import machine_line
+
+    print(machine_line())
     print("\nTitans neural memory, forward+backward tokens/s")
     print(f"{'T':>6} {'ours (Eq 90)':>12} {'compiled':>10} {'call start':>10} {'titans-pytorch':>14}"
           f" {'Eq 90 / titans':>14} {'compiled / titans':>17} {'call start / titans':>19}")

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import matmul_flops_per_s, time_fn  # noqa: E402
+from _timing import machine_line, matmul_flops_per_s, time_fn  # noqa: E402
 
 from nested_learning.memory import ContinuumMemorySystem, SelfModifyingTitans  # noqa: E402
 from nested_learning.models import build_model  # noqa: E402
@@ -83,6 +83,7 @@ def main() -> None:
     }
     gemm = matmul_flops_per_s()
     print(f"T = {T}, batch 1, fp32, {args.threads} thread(s); fp32 1024^2 matmul: {gemm / 1e9:.1f} GFLOP/s")
+    print(machine_line())
     print(f"{'step':52s} {'ms':>9} {'tok/s':>8} {'GFLOP':>7} {'GFLOP/s':>8} {'fraction':>9} {'ops':>8} {'ops/token':>9}")
     for name, step in steps.items():
         flops, ops = count(step)

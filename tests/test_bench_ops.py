@@ -22,6 +22,8 @@ def test_quick_run_with_the_split_comparison():
     out = _run("--threads", "2", "--split-ab")
     assert "OMP_WAIT_POLICY=PASSIVE" in out
     assert "allocator keep-freed" in out  # as the trainer runs
+    # the machine and the kernels chosen for it, since figures from different CPUs are not comparable
+    assert any(line.startswith("cpu: ") and "large products through" in line for line in out.splitlines())
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("256")]
     assert [r[1] for r in rows] == ["fwd", "fwd+bwd", "fwd", "fwd+bwd"]  # the table, then the comparison
     assert "heads side by side (2 parts)" in out
