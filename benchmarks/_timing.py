@@ -34,7 +34,7 @@ def matmul_flops_per_s(n: int = 1024, dtype: torch.dtype = torch.float32, iters:
 
 def onednn_matmul_flops_per_s(n: int = 1024, iters: int = 5) -> float | None:
     """The same fp32 product through oneDNN's kernel (``ops/fast_linear.py``), or None where it does not run:
-    PyTorch's own fp32 matmul calls MKL, which may take a generic path on CPUs it does not recognise."""
+    PyTorch's own fp32 matmul calls MKL, which takes a generic path on x86 CPUs not made by Intel."""
     from nested_learning.ops.fast_linear import linear, onednn_applies, onednn_products
 
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -44,24 +44,10 @@ def onednn_matmul_flops_per_s(n: int = 1024, iters: int = 5) -> float | None:
         return 2 * n**3 / time_fn(lambda: linear(a, b), warmup=2, iters=iters)
 
 
-def cpu_model() -> str:
-    """The CPU's model name as the kernel lists it (Linux), else the platform's processor string."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_line() -> str:
     """One line naming the CPU and the kernels this package chose for it (``ops/cpu.py``): figures from different
     machines are not comparable, and the output says which machine gave them."""
-    from nested_learning.ops.cpu import cpu_vendor, l2_cache_bytes, mkl_generic_path
+    from nested_learning.ops.cpu import cpu_model, cpu_vendor, l2_cache_bytes, mkl_generic_path
     from nested_learning.ops.fast_linear import onednn_preferred
 
     l2 = l2_cache_bytes()

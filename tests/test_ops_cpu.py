@@ -56,6 +56,7 @@ def test_mkl_takes_its_generic_path_on_other_vendors_x86_cpus(machine, vendor, h
     assert cpu.mkl_on_another_vendors_x86(machine, vendor, has_mkl) is expected
 
 
-def test_cpu_vendor_reads_this_machine():
+def test_cpu_vendor_and_model_read_this_machine():
     vendor = cpu.cpu_vendor()
     assert vendor is None or (isinstance(vendor, str) and vendor)
+    assert isinstance(cpu.cpu_model(), str)

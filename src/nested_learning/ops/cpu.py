@@ -19,18 +19,31 @@ import torch
 X86 = ("x86_64", "amd64", "x86", "i386", "i686")
 
 
-def cpu_vendor() -> str | None:
-    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or None where it cannot be read."""
+def _cpuinfo_field(name: str) -> str | None:
+    """The first CPU's ``name`` field in Linux' /proc/cpuinfo, or None."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return None
+
+
+def cpu_vendor() -> str | None:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or None where it cannot be read."""
+    vendor = _cpuinfo_field("vendor_id")
+    if vendor is not None:
+        return vendor
     # Windows names the vendor at the end of the processor string ("AMD64 Family 25 ..., AuthenticAMD")
     last = platform.processor().replace(",", " ").split()
     return last[-1] if last and last[-1] in ("GenuineIntel", "AuthenticAMD", "HygonGenuine") else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the platform's processor string, for reports."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def mkl_on_another_vendors_x86(machine: str, vendor: str | None, has_mkl: bool) -> bool:
