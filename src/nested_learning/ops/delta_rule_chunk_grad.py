@@ -3,16 +3,19 @@ one autograd node with its chain rule written out.
 
 Autograd through ``_chunk_group`` records about thirty nodes per group, each with its own pass over the group's
 tensors; here the backward is one function over the group (its tensors stay in cache, see ``chunks_per_group``) and
-three identities of the WY form spare products. With U_j = W1 - W2 R_j (the chunk's corrections, never formed in
-the forward) and dR_{j+1} the gradient of the state leaving chunk j:
+identities of the WY form spare products. With U_j = W1 - W2 R_j (the chunk's corrections, never formed in the
+forward) and dR_{j+1} the gradient of the state leaving chunk j:
     o = q_inter R_j + P U_j                   ->  dP = dO U_j^T,  dR_j += (q_inter - P W2)^T dO
     R_{j+1} = A R_j + Bc,  A = gamma_C I - K_tail^T W2,  Bc = K_tail^T W1
                                               ->  dK_tail = U_j dR_{j+1}^T,  dgamma_C = <dR_{j+1}, R_j>
     dW1 = P^T dO + K_tail dR_{j+1},           dW2 = -dW1 R_j^T
-(the last because W2 enters the outputs and the next state only through U_j and A R_j, i.e. as -W2 R_j). The rest
-is the usual chain rule: T = (I + L)^{-1} (dL = -T^T dT T^T, strictly lower), L = K_write K_read^T, P = Q_inter
-K_read^T (masked), and the row scalings K_write = (eta gamma') k, K_read = k / gamma, K_tail = (gamma_C / gamma) k,
-Q_inter = gamma q (read="after") or gamma' q ("before"), eta v, with gamma = exp(g), gamma' = exp(g').
+(the last because W2 enters the outputs and the next state only through U_j and A R_j, i.e. as -W2 R_j), and for
+the UT transform T = (I + L)^{-1}, with W1 = T (eta v), W2 = T K_write:
+    dL = -T^T dT T^T = -(T^T dW1) W1^T - (T^T dW2) W2^T   (strictly lower)
+i.e. the gradients of eta v and K_write times W1^T and W2^T: two products where dT and T^T dT T^T took four.
+The rest is the usual chain rule: L = K_write K_read^T, P = Q_inter K_read^T (masked), and the row scalings
+K_write = (eta gamma') k, K_read = k / gamma, K_tail = (gamma_C / gamma) k, Q_inter = gamma q (read="after") or
+gamma' q ("before"), eta v, with gamma = exp(g), gamma' = exp(g').
 
 Reference: ``_chunk_group`` differentiated by autograd, which this equals (tests: fp64, every input's gradient,
 both reads, with and without decay, groups of one and several chunks). Under ``create_graph`` the backward is
@@ -85,11 +88,12 @@ class _ChunkGroup(torch.autograd.Function):
         dW1 = torch.baddbmm((k_tail @ dR_next).flatten(0, 1), P.flatten(0, 1).mT, go.flatten(0, 1)).view_as(W1)
         dW2 = (dW1 @ Rj.mT).neg_()
 
-        # W1 = T (eta v), W2 = T K_write, T = (I + L)^{-1}
-        dT = torch.baddbmm((dW1 @ ev.mT).flatten(0, 1), dW2.flatten(0, 1), k_write.flatten(0, 1).mT).view_as(X)
+        # W1 = T (eta v), W2 = T K_write, T = (I + L)^{-1}: with dT = dW1 (eta v)^T + dW2 K_write^T,
+        # dL = -T^T dT T^T = -(T^T dW1) W1^T - (T^T dW2) W2^T, the gradients of eta v and K_write times W^T
         d_ev = X.mT @ dW1
         dk_write = X.mT @ dW2
-        dL = ((X.mT @ dT) @ X.mT).tril_(-1).neg_()
+        dL = torch.baddbmm((d_ev @ W1.mT).flatten(0, 1), dk_write.flatten(0, 1), W2.flatten(0, 1).mT)
+        dL = dL.view_as(X).tril_(-1).neg_()
 
         # L = K_write K_read^T (strictly lower part), P = masked Q_inter K_read^T
         dk_write = torch.baddbmm(dk_write.flatten(0, 1), dL.flatten(0, 1), k_read.flatten(0, 1)).view_as(k)
