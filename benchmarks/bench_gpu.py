@@ -2,9 +2,9 @@
 Transformer++ of equal parameters, training tokens/s at the 760M preset's width with a few layers.
 
     python benchmarks/bench_gpu.py [--layers 4] [--seq-len 4096] [--compile] [--out bench_gpu.json]
-    python benchmarks/bench_gpu.py --device cpu --quick      # the smoke run (tiny sizes, fp32), as the tests do
+    python benchmarks/bench_gpu.py --device cpu --quick [--precision bf16]  # the smoke run (tiny sizes), as the tests do
 
-On CUDA, models run under bf16 autocast (the memories' state recursions stay in fp32 inside it) and the delta rule
+On CUDA (``--precision auto``; ``bf16`` anywhere), models run under bf16 autocast (the memories' state recursions stay in fp32 inside it) and the delta rule
 takes bf16 inputs; times are the fastest of ``--iters`` synchronised runs after a warm-up. Every measurement runs on
 its own: one that fails (out of memory, a missing kernel) is reported with its error and the others still run, so a
 single call on a lent machine gives every figure it can.
@@ -102,11 +102,10 @@ def bench_delta_rule(device, B, T, H, D, dtype, iters, results: dict) -> None:
         _measure(f"delta_rule {label} fwd+bwd ms", run(backend, True), results)
 
 
-def bench_models(device, dim, heads, layers, vocab, T, iters, compile_titans: bool, results: dict) -> None:
+def bench_models(device, dim, heads, layers, vocab, T, iters, compile_titans: bool, results: dict,
+                 bf16: bool = True) -> None:
     x = torch.randint(0, vocab, (1, T), device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False
-    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def tokens_per_s(make):
         def run():
@@ -147,7 +146,9 @@ def main(argv=None) -> dict:
     p.add_argument("--heads", type=int, help="delta rule heads (default: the model width's)")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also HOPE with titans_compile='inductor' (its Titans layer calls compiled)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, fp32: a smoke run")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="bf16: models under bf16 autocast, delta rule inputs in bf16 (auto: bf16 on CUDA, else fp32)")
     p.add_argument("--out", type=Path, help="write the results as JSON")
     args = p.parse_args(argv)
 
@@ -155,7 +156,8 @@ def main(argv=None) -> dict:
     sizes = QUICK if args.quick else FULL
     T = 64 if args.quick else args.seq_len
     layers = 1 if args.quick else args.layers
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    dtype = torch.bfloat16 if bf16 else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, T={T}, width {sizes['dim']}, {layers} layers", flush=True)
     results: dict = {"device": name, "seq_len": T, "dim": sizes["dim"], "layers": layers, "dtype": str(dtype)}
@@ -163,8 +165,9 @@ def main(argv=None) -> dict:
     head_dim = 16 if args.quick else 64
     print(f"delta rule (B=1, Dk=Dv={head_dim}, chunk 64, read after):", flush=True)
     bench_delta_rule(device, 1, T, args.heads or sizes["heads"], head_dim, dtype, args.iters, results)
-    print(f"training step, batch 1, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}:", flush=True)
-    bench_models(device, sizes["dim"], sizes["heads"], layers, sizes["vocab"], T, args.iters, args.compile, results)
+    print(f"training step, batch 1, {'bf16 autocast' if bf16 else 'fp32'}:", flush=True)
+    bench_models(device, sizes["dim"], sizes["heads"], layers, sizes["vocab"], T, args.iters, args.compile, results,
+                 bf16)
 
     results["fla / ours, fwd"] = ratio(results, "delta_rule ours fwd ms", "delta_rule fla fwd ms")
     results["fla / ours, fwd+bwd"] = ratio(results, "delta_rule ours fwd+bwd ms", "delta_rule fla fwd+bwd ms")

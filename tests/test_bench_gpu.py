@@ -19,6 +19,15 @@ def test_quick_run_reports_every_figure(tmp_path):
     assert results["HOPE / Transformer++"] == results["HOPE tok/s"] / results["Transformer++ tok/s"]
 
 
+def test_quick_run_under_bf16_autocast_reports_every_figure(tmp_path):
+    """The precision the GPU run uses (bf16 autocast, bf16 delta-rule inputs), on CPU: a dtype mismatch in any
+    hand-written backward shows here rather than as an error in place of a figure on a lent GPU."""
+    results = bench_gpu.main(["--device", "cpu", "--quick", "--iters", "1", "--precision", "bf16"])
+    assert results["dtype"] == "torch.bfloat16"
+    for key in ("delta_rule ours fwd ms", "delta_rule ours fwd+bwd ms", "HOPE tok/s", "Transformer++ tok/s"):
+        assert isinstance(results[key], float) and results[key] > 0, (key, results[key])
+
+
 def test_equal_size_transformer_matches_the_parameter_count():
     from nested_learning.models.registry import build_model
 

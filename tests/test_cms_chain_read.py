@@ -87,6 +87,60 @@ def test_second_derivatives_go_through_the_reference(form):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_under_bf16_autocast_the_backward_runs_in_the_forwards_precision(form):
+    """Under autocast the forward's products run in bf16; the backward's run in bf16 too (as autograd's would for
+    the reference) and hand fp32 gradients to the fp32 input and weights. GELU levels then match the reference to
+    the bit; SwiGLU's gate and up products are one product here, two there, so bf16 rounds them differently."""
+    torch.manual_seed(0)
+    c = ContinuumMemorySystem(16, chunk_sizes=(2, 4, 8), expansion=3, level_form=form)
+    weights = [(w + 0.1 * torch.randn_like(w)).requires_grad_() for w in c.initial_state(3).weights]
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    gy = torch.randn(3, 5, 16)
+    sink = ChainSink()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = chain_read(c.form, x, weights, sink)
+        y_ref = chain_read_reference(c.form, x, weights)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    got = torch.autograd.grad(y, [x, *weights], gy, retain_graph=True)
+    want = torch.autograd.grad(y_ref, [x, *weights], gy)
+    exact = form == "gelu"
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0 if exact else 0.02 * float(b.abs().max()))
+    sink.collect = True  # the inner step's gradients too
+    torch.autograd.grad(y, [x], gy)
+    sink.collect = False
+    for a, b in zip(sink.take(), got[1:]):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", [HOPE, HOPEAttention])
+def test_a_cms_language_model_trains_under_bf16_autocast_with_the_fused_read_as_with_the_reference(cls):
+    torch.manual_seed(0)
+    model = cls(vocab_size=50, dim=16, n_layers=2, n_heads=2, chunk_sizes=(4, 8), cms_inner_lr=0.5,
+                titans_chunk_size=4)
+    x, y = torch.randint(0, 50, (1, 23)), torch.randint(0, 50, (1, 23))
+
+    def run(fused):  # the forward under autocast, the backward outside it (as torch.autocast's docs advise)
+        model.fused_cms_read = fused
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, labels=y)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (a, ga), (b, gb) = run(True), run(False)
+    assert torch.isfinite(a.loss)
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=1e-6)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        assert ga[n].dtype == torch.float32, n
+        torch.testing.assert_close(ga[n], gb[n], rtol=0, atol=1e-6, msg=n)
+
+
 def test_no_grad_read_and_the_independent_variant_fallback():
     c = cms("gelu")
     weights = per_sequence_weights(c, 2)["distinct"]

@@ -184,7 +184,7 @@ class SwiGLULevel(LevelForm):
         H = self.hidden
         g, a = ga[..., :H], ga[..., H:]
         dh = torch.bmm(gd, W_down)
-        dga = torch.cat([dh * a * silu_grad(g), dh * F.silu(g)], dim=-1)
+        dga = torch.cat([torch.ops.aten.silu_backward(dh * a, g), dh * F.silu(g)], dim=-1)
         if gw is not None:
             torch.bmm(dga.transpose(1, 2), u, out=self._gate_up(gw))
             torch.bmm(gd.transpose(1, 2), h, out=self.unpack(gw)[2])
