@@ -42,7 +42,10 @@ class ShortConv(nn.Module):
         y = padded[:, :T] * w[:, 0]
         for j in range(1, self.kernel_size):
             y = y + padded[:, j : j + T] * w[:, j]
-        # a copy, not a view of padded: every cache then has the same strides as a fresh one (one compiled graph for
-        # a stream's calls, guards compare strides) and does not keep the call's whole input alive
-        new_cache = padded[:, padded.shape[1] - (self.kernel_size - 1) :].contiguous()
+        # a fresh contiguous copy, not a view of padded: every cache then has the same strides as a fresh one (one
+        # compiled graph for a stream's calls, guards compare strides) and does not keep the call's whole input alive.
+        # It keeps the given cache's dtype (a layer's state dtype: fp32 for bf16 inputs; x's values are cast up
+        # exactly), so a stream's state has the dtypes its model's initial state has.
+        new_cache = torch.empty(cache.shape, dtype=cache.dtype, device=x.device)
+        new_cache.copy_(padded[:, padded.shape[1] - (self.kernel_size - 1) :])
         return self.activation(y), new_cache
