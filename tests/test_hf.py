@@ -52,6 +52,17 @@ def test_save_and_auto_load_round_trip_with_identical_logits_and_greedy_tokens(n
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("name", sorted(SMALL))
+@torch.no_grad()
+def test_generate_in_bf16_continues_from_each_steps_state(name):
+    """bf16 weights (``from_pretrained(..., torch_dtype=torch.bfloat16)`` on a GPU): every step feeds the state the
+    previous one returned, and greedy tokens equal the wrapped model's own ``generate``."""
+    model = _hf(name).to(torch.bfloat16)
+    x = _ids(B=1, T=9)
+    theirs = model.generate(x, max_new_tokens=6, do_sample=False)
+    assert torch.equal(theirs, model.model.generate(x, max_new_tokens=6, temperature=0))
+
+
 @torch.no_grad()
 def test_generate_carries_the_stream_state_as_its_cache():
     model = _hf("hope")
