@@ -133,6 +133,31 @@ def test_loss_falls(tmp_path):
     assert summary["val_loss"] < np.log(VOCAB) - 1.0
 
 
+@pytest.mark.parametrize("model", ["transformer", "hope"])
+def test_bf16_precision_trains_under_autocast_with_fp32_weights(tmp_path, model, monkeypatch):
+    overrides = dict(vocab_size=VOCAB, dim=32, n_layers=1)
+    if model == "hope":
+        overrides.update(n_heads=2, chunk_sizes=(4, 8), titans_chunk_size=4)
+    t = _trainer(_config(tmp_path, model=model, model_overrides=overrides, precision="bf16", max_steps=30,
+                         eval_every=30))
+    forwards = []
+    forward = type(t.model).forward
+    monkeypatch.setattr(type(t.model), "forward", lambda self, *a, **k: forwards.append(
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16) or forward(
+        self, *a, **k))
+    summary = t.train()
+    assert forwards and all(forwards)  # every forward, training and evaluation, under bf16 autocast
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())
+    first = np.mean([r["loss"] for r in t.history[:5]])
+    last = np.mean([r["loss"] for r in t.history[-5:]])
+    assert np.isfinite(summary["val_loss"]) and last < first - 0.5
+
+
+def test_precision_is_checked():
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -114,7 +114,7 @@ def _run(args) -> int:
         model, config = _load_run(args.checkpoint)
         tokens = load_tokens(args.split, config.max_docs, getattr(model, "tokenizer", None))
         loss = evaluate_loss(model, tokens, config.eval_batch_size, config.seq_len, args.batches,
-                             next(model.parameters()).device)
+                             next(model.parameters()).device, config.precision)
         print(json.dumps({"split": args.split, "loss": loss, "perplexity": math.exp(min(loss, 50))}))
         return 0
 

@@ -53,6 +53,8 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
     device: str = "auto"
+    # "bf16": forward passes under bf16 autocast (weights, gradients, optimizer and memory states stay fp32)
+    precision: str = "fp32"
     parallel: str = "ddp"  # under torchrun: "ddp" (whole model on every rank) or "fsdp" (FSDP2, sharded)
     resume: bool = False  # continue from out_dir's latest checkpoint; an error when there is none ...
     allow_fresh_start: bool = False  # ... unless this is true: then a run without a checkpoint starts at step 0
@@ -62,6 +64,7 @@ class TrainConfig:
 
 
 DATASETS = ("corpus",)
+PRECISIONS = ("fp32", "bf16")
 
 
 def _require(ok: bool, name: str, value: Any, expected: str) -> None:
@@ -96,6 +99,7 @@ def validate(c: TrainConfig) -> None:
                                                                             for b in c.betas),
              "betas", c.betas, "two numbers in [0, 1)")
     _require(c.dataset in DATASETS, "dataset", c.dataset, f"one of {DATASETS}")
+    _require(c.precision in PRECISIONS, "precision", c.precision, f"one of {PRECISIONS}")
     from nested_learning.training.fsdp import FSDP_OPTIMIZERS
     from nested_learning.training.parallel import PARALLELISMS
 

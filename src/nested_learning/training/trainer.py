@@ -43,9 +43,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast_for(precision: str, device: torch.device):
+    """The context of a forward pass in ``precision`` ("fp32": none; "bf16": bf16 autocast on ``device``)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, tokens: np.ndarray, batch_size: int, seq_len: int,
-                  max_batches: int | None, device: torch.device) -> float:
+                  max_batches: int | None, device: torch.device, precision: str = "fp32") -> float:
     """Mean next-token loss (nats) over deterministic non-overlapping windows of ``tokens``."""
     from nested_learning.data import eval_batches
 
@@ -53,7 +58,8 @@ def evaluate_loss(model: torch.nn.Module, tokens: np.ndarray, batch_size: int, s
     model.eval()
     total, count = 0.0, 0
     for x, y in eval_batches(tokens, batch_size, seq_len, max_batches):
-        out = model(x.to(device), labels=y.to(device))
+        with autocast_for(precision, device):
+            out = model(x.to(device), labels=y.to(device))
         total += float(out.loss) * y.numel()
         count += y.numel()
     model.train(was_training)
@@ -219,7 +225,8 @@ class Trainer:
     # ----------------------------------------------------------------- training
     def evaluate(self) -> float:
         c = self.config
-        return evaluate_loss(self.model, self.val_tokens, c.eval_batch_size, c.seq_len, c.eval_batches, self.device)
+        return evaluate_loss(self.model, self.val_tokens, c.eval_batch_size, c.seq_len, c.eval_batches, self.device,
+                             c.precision)
 
     def _train_step(self) -> tuple[float, bool]:
         """One optimizer step (with accumulation); returns (mean loss, whether the step was applied)."""
@@ -232,7 +239,8 @@ class Trainer:
                 x, y = x.to(self.device), y.to(self.device)
                 sync = self.dist.enabled and micro < c.grad_accum - 1
                 with self.parallel.no_sync(self.ddp_model) if sync else contextlib.nullcontext():
-                    loss = self.ddp_model(x, labels=y).loss / c.grad_accum
+                    with autocast_for(c.precision, self.device):  # the backward runs outside, as autocast wants
+                        loss = self.ddp_model(x, labels=y).loss / c.grad_accum
                     loss.backward()
                 loss_sum += loss.detach()
         except NonFiniteError:

@@ -1,0 +1,87 @@
+"""Training steps in fp32 against the same steps under bf16 autocast (the trainer's ``precision=bf16``), alternating
+step by step in one process.
+
+    python benchmarks/bench_precision.py [--threads 2] [--steps 12] [--T 512] [--no-compile] [--quick]
+
+Models: the Transformer++ 'tiny', HOPE 'tiny' eager and with ``titans_compile="inductor"``; vocab 32000, batch 1,
+the forward under ``torch.autocast("cpu", dtype=torch.bfloat16)`` and the backward outside it, as the trainer runs
+them. Medians of ``--steps`` steps each after two warm-up steps each; freed memory kept in the heap; passive
+OpenMP waiting unless ``OMP_WAIT_POLICY`` is set. The same-run 1024 x 1024 product in fp32 and in bf16 is printed
+too: bf16 pays off where the CPU multiplies bf16 faster than fp32 (AMX or AVX-512 BF16 units) and the step is made
+of large products.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first import of torch
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import machine_line, matmul_flops_per_s  # noqa: E402
+
+from nested_learning.models import build_model  # noqa: E402
+from nested_learning.training.cpu_memory import keep_freed_cpu_memory  # noqa: E402
+from nested_learning.training.trainer import autocast_for  # noqa: E402
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def compare(model, x: torch.Tensor, steps: int) -> dict:
+    """Median seconds of one training step in each precision, alternating step by step."""
+    def step(precision):
+        model.zero_grad(set_to_none=True)
+        with autocast_for(precision, x.device):
+            loss = model(x, labels=x).loss
+        loss.backward()
+
+    times = {p: [] for p in PRECISIONS}
+    for i in range(2 * (steps + 2)):
+        precision = PRECISIONS[i % 2]
+        start = time.perf_counter()
+        step(precision)
+        if i >= 4:  # two warm-up steps each (the first compiles)
+            times[precision].append(time.perf_counter() - start)
+    return {p: statistics.median(t) for p, t in times.items()}
+
+
+def main(argv=None) -> list:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--T", type=int, default=512)
+    p.add_argument("--no-compile", action="store_true", help="leave out compiled HOPE")
+    p.add_argument("--quick", action="store_true", help="vocab 500, T = 64, 2 steps, no compile (a smoke test)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    keep_freed_cpu_memory()
+    vocab, T, steps = (500, 64, 2) if args.quick else (32000, args.T, args.steps)
+    configs = [("Transformer++", "transformer", {}), ("HOPE eager", "hope", {})]
+    if not (args.quick or args.no_compile):
+        configs.append(("HOPE compiled", "hope", {"titans_compile": "inductor"}))
+    print(f"training step, tiny presets, vocab {vocab}, T = {T}, batch 1, {args.threads} thread(s), "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, median of {steps} steps each, alternating; "
+          f"1024 x 1024 product: fp32 {matmul_flops_per_s() / 1e9:.0f} GFLOP/s, "
+          f"bf16 {matmul_flops_per_s(dtype=torch.bfloat16) / 1e9:.0f} GFLOP/s")
+    print(machine_line())
+    print(f"{'model':>16} {'fp32 tok/s':>11} {'bf16 tok/s':>11} {'bf16 / fp32':>12}")
+    x = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for label, name, overrides in configs:
+        torch.manual_seed(0)
+        t = compare(build_model(name, "tiny", vocab_size=vocab, **overrides), x, steps)
+        rows.append((label, t))
+        print(f"{label:>16} {T / t['fp32']:11.0f} {T / t['bf16']:11.0f} {t['fp32'] / t['bf16']:11.2f}x")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
