@@ -103,7 +103,7 @@ class _ChainRead(torch.autograd.Function):
             kept = [t.to(compute) for t in saved[lv * m : (lv + 1) * m]]
             g = g + ctx.form.branch_backward(inputs[lv].to(compute), kept, g.to(compute), gw)
             wgrads[lv] = gw if gw is None else gw.to(w.dtype)
-        g = g.to(inputs[0].dtype)
+        g = g.to(inputs[0].dtype) if inputs else g
         if collect:  # the inner step's gradients: kept here, not passed on to the weights' history
             ctx.sink.grads, wgrads = wgrads, [None] * k
         return (None, None, g if ctx.needs_input_grad[2] else None, *wgrads)
