@@ -7,6 +7,7 @@ other processes only ever add time, so the minimum is the most repeatable estima
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -23,6 +24,20 @@ def time_fn(fn: Callable[[], object], warmup: int = 1, iters: int = 3) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def alternating_medians(runs: dict[str, Callable[[], object]], steps: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each of ``runs`` (name -> a call that runs one step in that form), taking one step of each
+    in turn, ``warmup`` untimed rounds first: every form sees the same machine state, and a slow stretch of the
+    machine slows them all."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(warmup + steps):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def matmul_flops_per_s(n: int = 1024, dtype: torch.dtype = torch.float32, iters: int = 5) -> float:

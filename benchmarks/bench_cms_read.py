@@ -19,10 +19,13 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first import of torch
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import alternating_medians  # noqa: E402
 
 from nested_learning.models import build_model  # noqa: E402
 from nested_learning.training.cpu_memory import keep_freed_cpu_memory  # noqa: E402
@@ -55,17 +58,14 @@ def _hopeified_llama(T: int, layers: int, vocab: int):
 
 def compare(model, step, steps: int) -> dict:
     """Median seconds of ``step`` with each read, alternating step by step (two warm-up steps each)."""
-    times = {True: [], False: []}
-    for i in range(2 * steps + 4):
-        fused = i % 2 == 0
+    def run(fused):
         model.fused_cms_read = fused
         model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
         step()
-        if i >= 4:
-            times[fused].append(time.perf_counter() - start)
+
+    times = alternating_medians({"fused": lambda: run(True), "reference": lambda: run(False)}, steps)
     model.fused_cms_read = True
-    return {"fused": statistics.median(times[True]), "reference": statistics.median(times[False])}
+    return times
 
 
 def main(argv=None) -> list:

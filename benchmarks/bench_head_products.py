@@ -21,15 +21,13 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first import of torch
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import machine_line, matmul_flops_per_s, onednn_matmul_flops_per_s  # noqa: E402
+from _timing import alternating_medians, machine_line, matmul_flops_per_s, onednn_matmul_flops_per_s  # noqa: E402
 
 from nested_learning.models import build_model  # noqa: E402
 from nested_learning.ops.fast_linear import library_products, onednn_preferred, onednn_products  # noqa: E402
@@ -38,19 +36,14 @@ from nested_learning.training.cpu_memory import keep_freed_cpu_memory  # noqa: E
 
 def compare(model, x: torch.Tensor, steps: int) -> dict:
     """Median seconds of one training step with each product, alternating step by step."""
-    def step():
+    def step(products):
         model.zero_grad(set_to_none=True)
-        model(x, labels=x).loss.backward()
+        with products():
+            model(x, labels=x).loss.backward()
 
-    times = {"oneDNN": [], "PyTorch": []}
-    for i in range(2 * (steps + 2)):
-        name = "oneDNN" if i % 2 == 0 else "PyTorch"
-        with onednn_products() if name == "oneDNN" else library_products():
-            start = time.perf_counter()
-            step()
-            if i >= 4:  # two warm-up steps each (the first compiles)
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    # two warm-up steps each (the first compiles)
+    return alternating_medians({"oneDNN": lambda: step(onednn_products), "PyTorch": lambda: step(library_products)},
+                               steps)
 
 
 def main(argv=None) -> list:

@@ -18,15 +18,14 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first import of torch
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
+import functools  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import machine_line, matmul_flops_per_s  # noqa: E402
+from _timing import alternating_medians, machine_line, matmul_flops_per_s  # noqa: E402
 
 from nested_learning.models import build_model  # noqa: E402
 from nested_learning.training.cpu_memory import keep_freed_cpu_memory  # noqa: E402
@@ -43,14 +42,8 @@ def compare(model, x: torch.Tensor, steps: int) -> dict:
             loss = model(x, labels=x).loss
         loss.backward()
 
-    times = {p: [] for p in PRECISIONS}
-    for i in range(2 * (steps + 2)):
-        precision = PRECISIONS[i % 2]
-        start = time.perf_counter()
-        step(precision)
-        if i >= 4:  # two warm-up steps each (the first compiles)
-            times[precision].append(time.perf_counter() - start)
-    return {p: statistics.median(t) for p, t in times.items()}
+    # two warm-up steps each (the first compiles)
+    return alternating_medians({p: functools.partial(step, p) for p in PRECISIONS}, steps)
 
 
 def main(argv=None) -> list:
