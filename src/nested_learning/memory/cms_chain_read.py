@@ -95,15 +95,19 @@ class _ChainRead(torch.autograd.Function):
         # as autograd would for the reference, the backward's products run in that dtype too, and the gradients
         # go back to the weights' and the input's dtypes.
         compute = saved[0].dtype if saved else gy.dtype
+        mixed = any(t.dtype != compute for t in (gy, *inputs, *saved))  # no casts (and no dispatches) otherwise
         g, wgrads = gy, [None] * k
         for lv in range(k - 1, -1, -1):  # y_{l+1} = y_l + delta_l(y_l)
             w = weights[lv]
             want = collect or ctx.needs_input_grad[3 + lv]
             gw = torch.empty(w.shape, dtype=compute, device=w.device) if want else None
-            kept = [t.to(compute) for t in saved[lv * m : (lv + 1) * m]]
-            g = g + ctx.form.branch_backward(inputs[lv].to(compute), kept, g.to(compute), gw)
-            wgrads[lv] = gw if gw is None else gw.to(w.dtype)
-        g = g.to(inputs[0].dtype) if inputs else g
+            u, kept, g_lv = inputs[lv], saved[lv * m : (lv + 1) * m], g
+            if mixed:
+                u, g_lv, kept = u.to(compute), g.to(compute), [t.to(compute) for t in kept]
+            g = g + ctx.form.branch_backward(u, kept, g_lv, gw)
+            wgrads[lv] = gw if gw is None or gw.dtype == w.dtype else gw.to(w.dtype)
+        if mixed:
+            g = g.to(inputs[0].dtype)
         if collect:  # the inner step's gradients: kept here, not passed on to the weights' history
             ctx.sink.grads, wgrads = wgrads, [None] * k
         return (None, None, g if ctx.needs_input_grad[2] else None, *wgrads)
