@@ -7,12 +7,15 @@ import torch
 
 from nested_learning.models.registry import build_model
 
-NAMES = ["hope", "hope_attention", "titans", "deltanet", "transformer"]
+NAMES = ["hope", "hope-independent", "hope_attention", "titans", "deltanet", "transformer"]
 V = 64
 
 
 def model(name):
+    """A registry model; "hope-independent": HOPE whose CMS levels are read side by side through a learned gate."""
     torch.manual_seed(0)
+    if name == "hope-independent":
+        return build_model("hope", "tiny", vocab_size=V, cms_variant="independent")
     return build_model(name, "tiny", vocab_size=V)
 
 

@@ -245,7 +245,8 @@ class ContinuumMemorySystem(nn.Module):
             return (y if y.dtype == x.dtype else y.to(x.dtype)), ChainRead(u, sink)
         cache = []
         if self.variant == "independent":
-            gate = torch.softmax(self.gate(u), dim=-1)  # (B, S, k)
+            # (B, S, k), in the levels' dtype (the fast weights' fp32 also when the parameters are bf16)
+            gate = torch.softmax(F.linear(u, self.gate.weight.to(u.dtype), self.gate.bias.to(u.dtype)), dim=-1)
             y = u
             for lv in range(self.n_levels):
                 c = self.form.read(u, weights[lv])
