@@ -28,20 +28,32 @@ def test_one_compiled_copy_per_function_backend_and_small_products(monkeypatch):
 
 
 def test_small_products_become_loops_of_inductors_own():
-    """Compiled with the option, a batched product of 20 small matrices is no library call in the generated code,
-    and it gives the eager values; the pass's CPU bounds are raised as the option says."""
+    """Compiled with the option, a batched product of 8 small matrices is no library call in the generated code, one
+    of 20 is none only where the bound is 64 (see ``small_products_options``), and both give the eager values; the
+    pass's CPU bounds are raised as the option says."""
     from torch._inductor.fx_passes import decompose_mem_bound_mm
     from torch._inductor.utils import run_and_get_code
 
     def product(a, b):
         return torch.bmm(a, b).relu()
 
-    a, b = torch.randn(20, 16, 8), torch.randn(20, 8, 12)
-    with torch._inductor.config.patch(fx_graph_cache=False):  # generate the code, so that it can be read
-        out, code = run_and_get_code(compiled_steps.compiled(product, "inductor", small_products=True), a, b)
-    assert "extern_kernels.bmm" not in "\n".join(code)
-    torch.testing.assert_close(out, torch.bmm(a, b).relu())
-    assert decompose_mem_bound_mm.cpu_max_first_dimension_decomposition >= 64
+    bound = compiled_steps._SMALL_PRODUCTS["cpu_max_first_dimension_decomposition"]
+    for batch, loop in ((8, True), (20, bound >= 20)):
+        a, b = torch.randn(batch, 16, 8), torch.randn(batch, 8, 12)
+        with torch._inductor.config.patch(fx_graph_cache=False):  # generate the code, so that it can be read
+            torch._dynamo.reset()
+            out, code = run_and_get_code(compiled_steps.compiled(product, "inductor", small_products=True), a, b)
+        assert ("extern_kernels.bmm" not in "\n".join(code)) == loop, batch
+        torch.testing.assert_close(out, torch.bmm(a, b).relu())
+    assert decompose_mem_bound_mm.cpu_max_first_dimension_decomposition >= bound
+
+
+def test_the_batch_bound_follows_the_cpus_matmul_library():
+    assert compiled_steps.small_products_bounds(True)["cpu_max_first_dimension_decomposition"] == 64
+    assert compiled_steps.small_products_bounds(False)["cpu_max_first_dimension_decomposition"] == 8
+    from nested_learning.ops.cpu import mkl_generic_path
+
+    assert compiled_steps._SMALL_PRODUCTS == compiled_steps.small_products_bounds(mkl_generic_path())
 
 
 def test_a_function_without_autograd_compiles_once_whatever_its_inputs_require(monkeypatch):

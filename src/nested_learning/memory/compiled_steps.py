@@ -7,20 +7,36 @@ import warnings
 
 import torch
 
+from ..ops.cpu import mkl_generic_path
+
 _CACHE: dict = {}
 _FAILED: set = set()  # (function, backend) pairs whose compilation failed: run eagerly from then on
 
 
-# inductor's CPU bounds for turning a batched product into a multiply and a sum it generates a loop for (batch size;
-# the other dimensions of a 2-D product); the pass leaves every product alone unless it is switched on
-_SMALL_PRODUCTS = {"cpu_max_first_dimension_decomposition": 64, "cpu_max_other_dimension_decomposition": 2048}
+def small_products_bounds(generic_mkl: bool) -> dict:
+    """inductor's CPU bounds for turning a batched product into a multiply and a sum it generates a loop for (batch
+    size; the other dimensions of a 2-D product): the batch bound depends on whether PyTorch's product is MKL's
+    generic path (see :func:`small_products_options`). The pass leaves every product alone unless switched on."""
+    return {"cpu_max_first_dimension_decomposition": 64 if generic_mkl else 8,
+            "cpu_max_other_dimension_decomposition": 2048}
+
+
+_SMALL_PRODUCTS = small_products_bounds(mkl_generic_path())
 
 
 def small_products_options() -> dict | None:
-    """inductor options under which the products of at most 64 small matrices (and 2-D products of at most 64 rows)
-    become loops of inductor's own, fused with their neighbours, instead of one library call each; None where this
-    torch has no such pass. At the self-modifying Titans' sizes (16-token chunks, 32-wide heads) a library call costs
-    10-40 us for a few hundred thousand FLOPs.
+    """inductor options under which the products of a few small matrices (and 2-D products of a few rows) become
+    loops of inductor's own, fused with their neighbours, instead of one library call each; None where this torch has
+    no such pass. At the self-modifying Titans' sizes (16-token chunks, 32-wide heads) a library call costs 10-40 us
+    for a few hundred thousand FLOPs.
+
+    How few: at most 64 matrices where PyTorch's product is MKL's generic path (an AMD EPYC: HOPE tiny's compiled
+    training step 1.02-1.07x against one library call per product, at 1 and 2 threads and either OpenMP wait policy),
+    at most 8 elsewhere. On an Intel Xeon, where MKL takes its own fast path, a layer's five memories of every head
+    multiplied at once ran faster as library calls: with the bound at 64 the step ran 0.92-0.96x the bound-8 step at
+    1 thread, 0.93-0.98x with 2 threads and passive waiting, 0.96-0.98x active (T = 512, separate processes taken in
+    turn; bounds 4 and 8 ran alike), and the bound-8 step ran 0.98-1.01x the one without loops
+    (``benchmarks/bench_hope_chunk_step.py`` at 1 and 2 threads).
 
     The pass reads its CPU bounds from module constants set at import time, so they are set here as well (they only
     act while the pass is switched on, which these options do); the same values go into the options, and so into

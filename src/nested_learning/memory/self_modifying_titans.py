@@ -307,7 +307,9 @@ class SelfModifyingTitans(nn.Module):
         passive OpenMP waiting; 796 against 692 at 1 thread; ``benchmarks/bench_hope_chunk_step.py``, the forms
         "compiled-layer" and "compiled-hand", docs/results/bench_hope_chunk_step.md). With inductor the graph's small batched products become loops of the
         compiler's own (``whole_chunk_small_products``): 1.02-1.07x against one library call per product, at 1 and 2
-        threads, either OpenMP wait policy (the same benchmark, "compiled-layer" against "compiled-layer-bmm").
+        threads, either OpenMP wait policy, on an AMD EPYC (the same benchmark, "compiled-layer" against
+        "compiled-layer-bmm"); 0.98-1.01x on an Intel Xeon, where fewer products become loops
+        (``compiled_steps.small_products_options``).
         A training stream's calls run one compiled graph per batch size, its first call included
         (``_state_like_later_calls``): HOPE tiny's first training step took 34-36 s with an empty kernel cache and
         7-8 s with a warm one, and the second ran at full speed (T=512, 2 threads).
