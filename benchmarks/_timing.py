@@ -71,3 +71,27 @@ def machine_line() -> str:
         f" torch {torch.__version__}; MKL generic path: {'yes' if mkl_generic_path() else 'no'}, large products"
         f" through {'oneDNN' if onednn_preferred() else 'PyTorch (MKL)'}"
     )
+
+
+def add_tiny_step_arguments(p) -> None:
+    """The options of a benchmark that compares two forms of the tiny presets' training step (``tiny_step_setup``)."""
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--T", type=int, default=512)
+    p.add_argument("--no-compile", action="store_true", help="leave out compiled HOPE")
+    p.add_argument("--quick", action="store_true", help="vocab 500, T = 64, 2 steps, no compile (a smoke test)")
+
+
+def tiny_step_setup(args) -> tuple[int, int, int, list]:
+    """Threads set and freed memory kept (as the trainer keeps it); returns (vocab, T, steps, configs), configs the
+    (label, registry name, overrides) of the Transformer++, HOPE eager and, unless left out, HOPE compiled."""
+    from nested_learning.training.cpu_memory import keep_freed_cpu_memory
+
+    torch.set_num_threads(args.threads)
+    keep_freed_cpu_memory()
+    vocab, T, steps = (500, 64, 2) if args.quick else (32000, args.T, args.steps)
+    configs = [("Transformer++", "transformer", {}), ("HOPE eager", "hope", {})]
+    if not (args.quick or args.no_compile):
+        configs.append(("HOPE compiled", "hope", {"titans_compile": "inductor"}))
+    return vocab, T, steps, configs
+

@@ -27,11 +27,17 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import alternating_medians, machine_line, matmul_flops_per_s, onednn_matmul_flops_per_s  # noqa: E402
+from _timing import (  # noqa: E402
+    add_tiny_step_arguments,
+    alternating_medians,
+    machine_line,
+    matmul_flops_per_s,
+    onednn_matmul_flops_per_s,
+    tiny_step_setup,
+)
 
 from nested_learning.models import build_model  # noqa: E402
 from nested_learning.ops.fast_linear import library_products, onednn_preferred, onednn_products  # noqa: E402
-from nested_learning.training.cpu_memory import keep_freed_cpu_memory  # noqa: E402
 
 
 def compare(model, x: torch.Tensor, steps: int) -> dict:
@@ -48,18 +54,9 @@ def compare(model, x: torch.Tensor, steps: int) -> dict:
 
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--T", type=int, default=512)
-    p.add_argument("--no-compile", action="store_true", help="leave out compiled HOPE")
-    p.add_argument("--quick", action="store_true", help="vocab 500, T = 64, 2 steps, no compile (a smoke test)")
+    add_tiny_step_arguments(p)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    keep_freed_cpu_memory()
-    vocab, T, steps = (500, 64, 2) if args.quick else (32000, args.T, args.steps)
-    configs = [("Transformer++", "transformer", {}), ("HOPE eager", "hope", {})]
-    if not (args.quick or args.no_compile):
-        configs.append(("HOPE compiled", "hope", {"titans_compile": "inductor"}))
+    vocab, T, steps, configs = tiny_step_setup(args)
     onednn = onednn_matmul_flops_per_s()
     print(f"training step, tiny presets, vocab {vocab}, T = {T}, batch 1, fp32, {args.threads} thread(s), "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, median of {steps} steps each, alternating; "
