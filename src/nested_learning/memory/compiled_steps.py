@@ -32,8 +32,8 @@ def small_products_options() -> dict | None:
 
     How few: at most 64 matrices where PyTorch's product is MKL's generic path (an AMD EPYC: HOPE tiny's compiled
     training step 1.02-1.07x against one library call per product, at 1 and 2 threads and either OpenMP wait policy),
-    at most 8 elsewhere. On an Intel Xeon, where MKL takes its own fast path, a layer's five memories of every head
-    multiplied at once ran faster as library calls: with the bound at 64 the step ran 0.92-0.96x the bound-8 step at
+    at most 8 elsewhere. On an Intel Xeon, where MKL takes its own fast path, the products of more matrices ran faster
+    as library calls: with the bound at 64 the step ran 0.92-0.96x the bound-8 step at
     1 thread, 0.93-0.98x with 2 threads and passive waiting, 0.96-0.98x active (T = 512, separate processes taken in
     turn; bounds 4 and 8 ran alike), and the bound-8 step ran 0.98-1.01x the one without loops
     (``benchmarks/bench_hope_chunk_step.py`` at 1 and 2 threads).
