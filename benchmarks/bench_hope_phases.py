@@ -87,8 +87,10 @@ def instrument(model) -> tuple[Phases, list[str]]:
     phases = Phases()
     labels = ["step", "forward"]
     for i, block in enumerate(model.blocks):
-        labels.append(f"  self-modifying Titans, layer {i}")
-        phases.wrap(block.mixer, "forward", labels[-1])
+        # the layer call with its block's norms and residual sum where the model runs them together
+        whole = model.fused_mixer_residual and hasattr(block.mixer, "residual_forward")
+        labels.append(f"  self-modifying Titans, layer {i}{' (and its norms)' if whole else ''}")
+        phases.wrap(block.mixer, "residual_forward" if whole else "forward", labels[-1])
         phases.wrap(block.cms, "read", "  CMS reads (all layers)")
         phases.wrap(block.cms, "step", "  CMS steps (all layers)")
     phases.wrap(tied_head.SegmentedHead, "segment", "  head per segment: logits, softmax, softmax @ W")

@@ -365,6 +365,31 @@ def test_hope_with_the_compiled_hand_written_chunk_step_equals_eager(whole_chunk
         torch.testing.assert_close(gb[n], ga[n], rtol=0, atol=1e-9, msg=n)
 
 
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_hope_with_each_blocks_norms_inside_its_titans_call_equals_the_blocks_as_written(backend):
+    """``fused_mixer_residual`` (default): each block's ``x + mixer(norm1(x))`` and ``norm2`` of it in one layer
+    call (``SelfModifyingTitans.residual_forward``; with compiled layer calls, one graph). Against the block as
+    written, op by op: the same logits, CMS states and gradients, eagerly and with every segment's layer call
+    compiled (aot_eager), over a stream that ends inside a segment."""
+    x, y = torch.randint(0, V, (2, 26)), torch.randint(0, V, (2, 26))
+    runs = []
+    for fused in (False, True):
+        m = tiny(HOPE).train()
+        m.fused_mixer_residual = fused
+        m.compile_chunk_steps(backend)
+        out = m(x, labels=y)
+        out.loss.backward()
+        runs.append((out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = runs
+    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=1e-12)
+    for sa, sb in zip(a.state.cms, b.state.cms):
+        for wa, wb in zip(sa.weights, sb.weights):
+            torch.testing.assert_close(wb, wa, rtol=0, atol=1e-12)
+    assert ga.keys() == gb.keys() and any(".norm1." in n for n in ga) and any(".norm2." in n for n in ga)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=0, atol=1e-10, msg=n)
+
+
 def test_meta_mode_with_compiled_titans_runs_the_layer_calls_as_before():
     """Meta mode differentiates the Titans layers' backward again (create_graph), which a compiled layer graph does
     not support: the model runs those calls uncompiled there, with the eager gradients."""

@@ -310,6 +310,67 @@ def test_whole_chunk_calls_compiled_equal_eager_and_other_calls_run_as_before(mo
         _layer("l2", 4, "linear").compile_whole_chunk_calls("aot_eager")
 
 
+def test_residual_forward_compiled_equals_the_layer_between_its_norms():
+    """``residual_forward(x, norm, state, next_norm)`` is ``r = x + layer(norm(x))`` and ``next_norm(r)``: eagerly,
+    and with ``compile_whole_chunk_calls`` (aot_eager), where the norms and the sum join the layer's graph. A stream
+    fed chunk by chunk from a slice of a larger tensor (as a model's first block is fed) gives the same outputs,
+    states and gradients (input, layer and both norms) as the plain layer between its norms, and runs one graph."""
+    from nested_learning.models.layers import RMSNorm
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    plain, _ = _fused_and_chunked()
+    eager, _ = _fused_and_chunked()
+    compiled, _ = _fused_and_chunked()
+    compiled.compile_whole_chunk_calls(counting)
+    for layer in (eager, compiled):
+        layer.load_state_dict(plain.state_dict())
+    norms = {}
+    for name in ("plain", "eager", "compiled"):
+        torch.manual_seed(1)
+        norms[name] = (RMSNorm(8).double(), RMSNorm(8).double())
+        for n in norms[name]:
+            n.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 12, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.linspace(-1, 1, 12, dtype=torch.float64)[:, None]
+    results = {}
+    for name, layer in (("plain", plain), ("eager", eager), ("compiled", compiled)):
+        n1, n2 = norms[name]
+        rs, us, state = [], [], layer.initial_state(2, dtype=torch.float64)
+        for a in range(0, 12, 4):
+            xa = x[:, a : a + 4] if a != 4 else x[:, a : a + 4] + 0.0  # a slice, then a fresh tensor
+            if name == "plain":
+                y, state = layer(n1(xa), state)
+                r = xa + y
+                u = n2(r)
+            else:
+                r, u, state = layer.residual_forward(xa, n1, state, n2)
+            rs.append(r)
+            us.append(u)
+        r, u = torch.cat(rs, 1), torch.cat(us, 1)
+        loss = (r * w).sum() + (u * w.flip(0)).square().sum()
+        params = [x, *layer.parameters(), n1.weight, n2.weight]
+        results[name] = (r, u, state, torch.autograd.grad(loss, params))
+    assert len(graphs) == 1  # sliced inputs (copied to fresh strides) and a fresh stream's state share it
+    (rp, up, sp, gp) = results["plain"]
+    for name in ("eager", "compiled"):
+        r, u, s, g = results[name]
+        torch.testing.assert_close(r, rp, rtol=0, atol=1e-12)
+        torch.testing.assert_close(u, up, rtol=0, atol=1e-12)
+        for a, b in zip(sp.memory + sp.chunk_memory, s.memory + s.chunk_memory):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+        for a, b in zip(gp, g):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-10)
+    r, u, _ = compiled.residual_forward(x[:, :4].clone(), norms["compiled"][0], eager.initial_state(2, dtype=x.dtype))
+    assert u is None and len(graphs) == 2  # without a next norm: a graph of its own
+    torch.testing.assert_close(r, results["eager"][0][:, :4], rtol=0, atol=1e-12)
+
+
 def test_a_training_stream_runs_one_compiled_graph_of_the_layer(two_real_threads):
     """Every whole-chunk call of a training stream, a fresh stream's first included (its convolution cache needs
     no gradient) and every call after a backward (which left one-thread bookkeeping behind, under passive waiting),

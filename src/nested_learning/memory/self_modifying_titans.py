@@ -104,6 +104,16 @@ def _state_like_later_calls(x: torch.Tensor, state):
     return dataclasses.replace(state, memory=memory, chunk_memory=chunk, conv=conv)
 
 
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the strides of a fresh tensor (a copy only if it has others): a model's first block gets a slice
+    of its embeddings, the next ones a sum, and the compiler guards on every stride, a size-1 batch's too."""
+    expected, n = [], 1
+    for size in reversed(x.shape):
+        expected.append(n)
+        n *= size
+    return x if x.stride() == tuple(reversed(expected)) else x.clone(memory_format=torch.contiguous_format)
+
+
 class SelfModifyingTitans(nn.Module):
     """Eq 83-93 as a sequence layer: ``y, state = layer(x, state=None)``, ``x: (B, T, dim)``.
 
@@ -341,6 +351,33 @@ class SelfModifyingTitans(nn.Module):
                 warn_eager_fallback("self-modifying Titans layer", self.whole_chunk_backend, err, stacklevel=2)
                 self.whole_chunk_backend = None
         return self._forward(x, state)
+
+    def residual_forward(
+        self, x: torch.Tensor, norm: nn.Module, state: SelfModifyingTitansState | None = None,
+        next_norm: nn.Module | None = None,
+    ):
+        """A pre-norm residual block's mixer half: ``(r, next_norm(r) or None, state)`` with ``r = x +
+        self(norm(x))``. A call that ``compile_whole_chunk_calls`` compiles takes the norms and the residual sum
+        into the layer's graph (their small ops fuse into its kernels, and autograd records one node instead of a
+        few dozen)."""
+        if self._compiles_call(x, state):
+            check_layer_input(x, self.dim)
+            try:
+                call = compiled(
+                    SelfModifyingTitans._residual_forward, self.whole_chunk_backend, self.whole_chunk_small_products
+                )
+                return call(self, _row_major(x), norm, _state_like_later_calls(x, state), next_norm)
+            except Exception as err:  # e.g. no C compiler for inductor: the eager layer computes the same thing
+                warn_eager_fallback("self-modifying Titans layer", self.whole_chunk_backend, err, stacklevel=2)
+                self.whole_chunk_backend = None
+        y, state = self(norm(x), state)
+        r = x + y
+        return r, (None if next_norm is None else next_norm(r)), state
+
+    def _residual_forward(self, x, norm, state, next_norm):
+        y, state = self._forward(norm(x), state, False)
+        r = x + y
+        return r, (None if next_norm is None else next_norm(r)), state
 
     def _forward(self, x: torch.Tensor, state, check: bool = True):
         span = BackwardOnOneThread(x)  # the backward of the chunk loop's small ops: one thread too (see ops.threads)

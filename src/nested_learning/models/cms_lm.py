@@ -105,9 +105,15 @@ class CMSLanguageModel(LanguageModel):
     CMS chain as one autograd node whose backward writes every level's weight gradient
     (``memory/cms_chain_read.py``); False reads it op by op with autograd's backward (the reference, equal to
     rounding). No-grad calls read op by op either way.
+
+    ``fused_mixer_residual`` (default True): a mixer that offers ``residual_forward`` (self-modifying Titans) runs
+    the block's ``x + mixer(norm1(x))`` and ``norm2`` of that in one call, inside its compiled graph when its layer
+    calls are compiled (HOPE tiny's compiled training step 1.03-1.05x, docs/results/bench_hope_phases.md); False
+    runs them op by op (the reference, equal to rounding).
     """
 
     fused_cms_read: bool = True
+    fused_mixer_residual: bool = True
 
     def __init__(
         self,
@@ -194,12 +200,16 @@ class CMSLanguageModel(LanguageModel):
     def _segment(self, x: torch.Tensor, mixers: list, cms: list, fused: bool = False):
         """All blocks on the embedded segment ``x: (B, S, d)`` with fixed fast weights; returns the final normed
         hidden state, the mixer states, and per block the CMS cache (``ContinuumMemorySystem.read``, ``fused`` as
-        there)."""
+        there). With ``fused_mixer_residual`` the mixer's call also takes the block's norms and residual sum."""
         new_mixers, caches = [], []
         for block, ms, cs in zip(self.blocks, mixers, cms):
-            y, ms = block.mixer(block.norm1(x), ms)
-            x = x + y
-            u = block.norm2(x)
+            residual = getattr(block.mixer, "residual_forward", None) if self.fused_mixer_residual else None
+            if residual is not None:
+                x, u, ms = residual(x, block.norm1, ms, block.norm2)
+            else:
+                y, ms = block.mixer(block.norm1(x), ms)
+                x = x + y
+                u = block.norm2(x)
             if block.cms is None:
                 x, cache = x + block.mlp(u), []
             else:
