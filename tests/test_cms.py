@@ -1,10 +1,12 @@
 """Continuum Memory System (Eq 70-74) as a standalone layer with its local "next_input" objective."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nested_learning.memory.cms import ContinuumMemorySystem, gelu_grad
+from nested_learning.memory.cms import ContinuumMemorySystem, gelu_grad, is_zero_accumulator
 
 DIM, CHUNKS = 8, (2, 4, 8)
 
@@ -172,6 +174,28 @@ def test_clipped_step_is_the_gradient_step_shortened_to_eta_times_the_clip():
     for level, C in enumerate(CHUNKS):
         moved = (state.weights[level] - cms.slow_weights(level)).norm(dim=1)
         assert (moved <= 16 // C * eta[level] * clip * (1 + 1e-12)).all()
+
+
+def test_emptied_accumulators_hold_no_memory_and_step_as_dense_zeros():
+    """A fresh state's accumulators and those a step empties broadcast one shared zero (no pass over a level's
+    weights). A stream whose accumulators are dense zeros instead (a state read back from a file) takes the same
+    steps, to the bit, and so does one whose state was detached (its copies share the zero)."""
+    cms = make()
+    x = torch.randn(2, 24, DIM, dtype=torch.float64)
+    state = cms.initial_state(2, dtype=torch.float64)
+    assert all(is_zero_accumulator(g) and g.shape == w.shape for g, w in zip(state.grads, state.weights))
+    assert not is_zero_accumulator(torch.zeros_like(state.weights[0]))
+    with torch.no_grad():
+        _, s8 = cms(x[:, :8], state)  # position 8: every level has just stepped
+        assert all(is_zero_accumulator(g) for g in s8.grads)
+        _, s6 = cms(x[:, :6], state)  # position 6: levels 2 and 3 hold a gradient
+        assert [is_zero_accumulator(g) for g in s6.grads] == [True, False, False]
+        dense = dataclasses.replace(s6, grads=[g.clone(memory_format=torch.contiguous_format) for g in s6.grads])
+        assert not any(is_zero_accumulator(g) for g in dense.grads)
+        runs = [cms(x[:, 6:], s)[1] for s in (s6, dense, s6.detach())]
+    for other in runs[1:]:
+        for a, b in zip(runs[0].weights + runs[0].grads, other.weights + other.grads):
+            assert torch.equal(a, b)
 
 
 def test_gelu_grad_matches_autograd():

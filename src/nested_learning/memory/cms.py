@@ -93,6 +93,30 @@ class CMSState(LayerState):
     position: int
 
 
+_ZEROS: dict = {}  # (dtype, device) -> a zero scalar that every zero accumulator of that kind broadcasts
+
+
+def zero_accumulator(like: torch.Tensor) -> torch.Tensor:
+    """A level's gradient accumulator when it holds nothing (a fresh state, or after its step): zeros of ``like``'s
+    shape, dtype and device, broadcast from one shared element, so a step writes no zeros over a level's weights and
+    the next segment's gradient replaces it instead of being added to it (:func:`is_zero_accumulator`). Nothing
+    writes an accumulator in place."""
+    key = (like.dtype, like.device)
+    if key not in _ZEROS:
+        _ZEROS[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+    return _ZEROS[key].expand(like.shape)
+
+
+def is_zero_accumulator(acc: torch.Tensor) -> bool:
+    """Whether ``acc`` is a :func:`zero_accumulator` (its detached copies too: they share its element)."""
+    zero = _ZEROS.get((acc.dtype, acc.device))
+    return (
+        zero is not None
+        and all(s == 0 for s in acc.stride())
+        and acc.untyped_storage().data_ptr() == zero.untyped_storage().data_ptr()
+    )
+
+
 def segment_bounds(n: int, size: int, split: bool = True) -> list[tuple[int, int]]:
     """Offsets ``(a, b)`` of the segments of ``n`` tokens that start at an aligned position: pieces of ``size`` tokens
     (the last one possibly shorter). With ``split=False`` the complete segments are merged into one piece (nothing
@@ -223,7 +247,7 @@ class ContinuumMemorySystem(nn.Module):
             self.slow_weights(lv).to(device=device, dtype=dtype).expand(batch, -1)
             for lv in range(self.n_levels)
         ]
-        grads = [torch.zeros(batch, w.shape[1], device=device, dtype=dtype) for w in weights]
+        grads = [zero_accumulator(w) for w in weights]
         return CMSState(weights, grads, torch.zeros(batch, 0, self.dim, device=device, dtype=dtype), 0)
 
     # ------------------------------------------------------------------ read (Eq 70 / 74)
@@ -292,7 +316,7 @@ class ContinuumMemorySystem(nn.Module):
             if grads is not None:
                 g = grads[lv].to(accs[lv].dtype)
                 # a level whose chunk is one segment steps at every boundary, so its accumulator holds zero here
-                accs[lv] = g if C == self.segment_size else accs[lv] + g
+                accs[lv] = g if C == self.segment_size or is_zero_accumulator(accs[lv]) else accs[lv] + g
             if end % C == 0:
                 acc = accs[lv]
                 # theta <- theta - lr * step, step = acc / C (the chunk's mean gradient, per batch element), clipped
@@ -303,12 +327,12 @@ class ContinuumMemorySystem(nn.Module):
                     norm = acc.norm(dim=1, keepdim=True) / C
                     coef = coef * (self.grad_clip / norm.clamp_min(self.grad_clip))
                 weights[lv] = torch.addcmul(weights[lv], acc, coef, value=-1.0)
-                accs[lv] = torch.zeros_like(acc)
+                accs[lv] = zero_accumulator(acc)
         if self.variant == "nested":
             # slowest first, so a boundary of the slowest level restarts the whole hierarchy from it
             for s in range(self.n_levels - 2, -1, -1):
                 if end % self.chunk_sizes[s + 1] == 0:
-                    weights[s], accs[s] = self._nested_restart(s, weights[s + 1]), torch.zeros_like(accs[s])
+                    weights[s], accs[s] = self._nested_restart(s, weights[s + 1]), zero_accumulator(accs[s])
         weights, accs = self.transfer.generate(weights, accs, self.slow_weights, end, self.chunk_sizes)
         return CMSState(weights, accs, state.pending, end)
 
