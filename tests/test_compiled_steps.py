@@ -22,9 +22,28 @@ def test_one_compiled_copy_per_function_backend_and_small_products(monkeypatch):
         compiled_steps.compiled(step, "inductor")
         compiled_steps.compiled(step, "inductor", small_products=True)
         compiled_steps.compiled(step, "aot_eager", small_products=True)
-    assert len(made) == 3
-    assert made[0]["options"] is None and made[2]["options"] is None  # only inductor takes options
+        compiled_steps.compiled(step, "inductor", small_products=True, cpp_wrapper=True)
+        compiled_steps.compiled(step, "inductor", cpp_wrapper=True)
+        compiled_steps.compiled(step, "aot_eager", cpp_wrapper=True)
+    assert len(made) == 6
+    assert all(made[i]["options"] is None for i in (0, 2, 5))  # only inductor takes options
     assert made[1]["options"] == compiled_steps.small_products_options()
+    assert made[3]["options"] == {**compiled_steps.small_products_options(), "cpp_wrapper": True}
+    assert made[4]["options"] == {"cpp_wrapper": True}
+
+
+def test_the_cpp_wrapper_where_it_was_measured_faster():
+    """Intel CPUs only; there the compiled layer graphs' small chunk inverses are products (no LAPACK call for
+    the C++ wrapper to fall back on), elsewhere solves."""
+    from nested_learning.memory.self_modifying_titans import SelfModifyingTitans
+    from nested_learning.ops import cpu
+    from nested_learning.ops.delta_rule_one_chunk import SQUARING_MAX
+
+    assert cpu.cpp_wrapper_pays("GenuineIntel")
+    assert not cpu.cpp_wrapper_pays("AuthenticAMD") and not cpu.cpp_wrapper_pays(None)
+    assert cpu.cpp_wrapper_default() == cpu.cpp_wrapper_pays(cpu.cpu_vendor())
+    assert SelfModifyingTitans.whole_chunk_cpp_wrapper == cpu.cpp_wrapper_default()
+    assert SQUARING_MAX == (16 if cpu.cpp_wrapper_default() else 0)
 
 
 def test_small_products_become_loops_of_inductors_own():

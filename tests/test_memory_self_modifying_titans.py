@@ -272,10 +272,10 @@ def test_whole_chunk_calls_compiled_equal_eager_and_other_calls_run_as_before(mo
     calls = []
     compile_fn = self_modifying_titans.compiled
 
-    def recording(f, backend, small_products=False):
+    def recording(f, backend, small_products=False, cpp_wrapper=False):
         calls.append(f.__name__)
         assert small_products == layer_small_products  # the class default, or the instance's choice below
-        return compile_fn(f, backend, small_products)
+        return compile_fn(f, backend, small_products, cpp_wrapper)
 
     monkeypatch.setattr(self_modifying_titans, "compiled", recording)
     layer_small_products = True
@@ -369,6 +369,36 @@ def test_residual_forward_compiled_equals_the_layer_between_its_norms():
     r, u, _ = compiled.residual_forward(x[:, :4].clone(), norms["compiled"][0], eager.initial_state(2, dtype=x.dtype))
     assert u is None and len(graphs) == 2  # without a next norm: a graph of its own
     torch.testing.assert_close(r, results["eager"][0][:, :4], rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_residual_forward_compiled_by_inductor_equals_eager():
+    """The same with inductor itself, as ``titans_compile="inductor"`` compiles it on this machine (the C++ wrapper
+    and the small chunks' inverses by products where ``ops.cpu.cpp_wrapper_default``): fp32 values, states and
+    gradients within rounding of the eager layer."""
+    from nested_learning.models.layers import RMSNorm
+
+    torch.manual_seed(0)
+    layers = [_layer("l2", 4, "mlp", hidden=6).float() for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    layers[1].compile_whole_chunk_calls("inductor")
+    norms = [(RMSNorm(8), RMSNorm(8)) for _ in range(2)]
+    x = torch.randn(2, 12, 8, requires_grad=True)
+    results = []
+    for layer, (n1, n2) in zip(layers, norms):
+        rs, state = [], layer.initial_state(2)
+        for a in range(0, 12, 4):
+            r, u, state = layer.residual_forward(x[:, a : a + 4], n1, state, n2)
+            rs.append(r + u)
+        out = torch.cat(rs, 1)
+        results.append((out, state, torch.autograd.grad(out.square().sum(), [x, *layer.parameters(), n1.weight])))
+    assert layers[1].whole_chunk_backend == "inductor"  # compiled, no fallback
+    (a, sa, ga), (b, sb, gb) = results
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    for u, v in zip(sa.memory, sb.memory):
+        torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-5)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(v, u, rtol=1e-3, atol=1e-4)
 
 
 def test_a_training_stream_runs_one_compiled_graph_of_the_layer(two_real_threads):

@@ -253,6 +253,49 @@ def test_unit_lower_inverse_and_chunk_scan_match_their_references():
     assert torch.autograd.gradgradcheck(dc.chunk_scan, (A, Bc, R0))
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 16, 17])
+def test_unit_lower_inverse_by_squaring_matches_the_solve_with_gradients(n):
+    """The products-only inverse (compiled graphs' small chunks): the solve's values, its gradient through the
+    products, the upper part ignored; fp32 within a few ulps on a chunk of unit keys with rates in (0, 1)."""
+    from nested_learning.ops import delta_rule_chunk as dc
+
+    torch.manual_seed(n)
+    L = (0.3 * torch.randn(3, n, n, dtype=torch.float64)).requires_grad_()
+    torch.testing.assert_close(dc.unit_lower_inverse_by_squaring(L), dc.unit_lower_inverse_reference(L), atol=1e-13,
+                               rtol=0)
+    assert torch.autograd.gradcheck(dc.unit_lower_inverse_by_squaring, (L,))
+    k = torch.nn.functional.normalize(torch.randn(4, n, 32), dim=-1)
+    keys = (k @ k.mT) * torch.rand(4, n, 1)
+    exact = dc.unit_lower_inverse_reference(keys.double())
+    assert (dc.unit_lower_inverse_by_squaring(keys).double() - exact).abs().max() < 5e-7
+
+
+def test_compiled_small_chunks_invert_by_products(monkeypatch):
+    """Under torch.compile a chunk of at most ``SQUARING_MAX`` tokens inverts by products, a larger one (or any, at
+    0) by the solve; eagerly always the solve with its analytic backward."""
+    from nested_learning.ops import delta_rule_one_chunk as d1
+
+    used = []
+    for name in ("unit_lower_inverse_by_squaring", "unit_lower_inverse_reference", "unit_lower_inverse"):
+        fn = getattr(d1, name)
+        monkeypatch.setattr(d1, name, lambda L, fn=fn, name=name: used.append((name, L.shape[-1])) or fn(L))
+
+    def run(n, compiling):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        k = torch.nn.functional.normalize(torch.randn(2, n, 4, dtype=torch.float64), dim=-1)
+        d1.delta_rule_one_chunk(k, torch.randn(2, n, 4, dtype=torch.float64), torch.rand(2, n, dtype=torch.float64),
+                                torch.rand(2, n, dtype=torch.float64), torch.zeros(2, 4, 4, dtype=torch.float64))
+
+    monkeypatch.setattr(d1, "SQUARING_MAX", 16)
+    run(16, True)
+    run(17, True)
+    run(16, False)
+    monkeypatch.setattr(d1, "SQUARING_MAX", 0)
+    run(16, True)
+    assert [u[0] for u in used] == ["unit_lower_inverse_by_squaring", "unit_lower_inverse_reference",
+                                    "unit_lower_inverse", "unit_lower_inverse_reference"]
+
+
 @pytest.mark.parametrize("n", [5, 8, 9, 32, 61, 64, 100])
 def test_blocked_unit_lower_inverse_matches_the_solve(n):
     from nested_learning.ops import delta_rule_chunk as dc

@@ -52,13 +52,18 @@ def small_products_options() -> dict | None:
     return {"post_grad_fusion_options": {"decompose_mm_pass": dict(_SMALL_PRODUCTS)}}
 
 
-def compiled(step, backend: str, small_products: bool = False):
-    """``step`` under ``torch.compile`` (static shapes, one graph), created once per function, backend and
-    ``small_products`` (with inductor: ``small_products_options``)."""
-    key = (step, backend, small_products)
+def compiled(step, backend: str, small_products: bool = False, cpp_wrapper: bool = False):
+    """``step`` under ``torch.compile`` (static shapes, one graph), created once per function, backend,
+    ``small_products`` (with inductor: ``small_products_options``) and ``cpp_wrapper`` (with inductor: its C++
+    wrapper, ``ops.cpu.cpp_wrapper_pays``)."""
+    key = (step, backend, small_products, cpp_wrapper)
     if key not in _CACHE:
-        options = small_products_options() if small_products and backend == "inductor" else None
-        _CACHE[key] = torch.compile(step, backend=backend, dynamic=False, fullgraph=True, options=options)
+        options = None
+        if backend == "inductor" and (small_products or cpp_wrapper):
+            options = dict((small_products_options() or {}) if small_products else {})
+            if cpp_wrapper:
+                options["cpp_wrapper"] = True
+        _CACHE[key] = torch.compile(step, backend=backend, dynamic=False, fullgraph=True, options=options or None)
     return _CACHE[key]
 
 

@@ -5,7 +5,7 @@ generic one on other vendors' (on an AMD EPYC machine a 1024 x 1024 product ran 
 through oneDNN, and a batched 64 x 64 triangular solve at half the speed of this package's blocked inverse; on an
 Intel Xeon MKL's product was the faster of the two and its solve 2.6x faster than the blocked inverse). Where a
 choice between kernels depends on that, it asks :func:`mkl_generic_path`; where a working set should fit a cache,
-:func:`l2_cache_bytes`.
+:func:`l2_cache_bytes`; whether compiled graphs take inductor's C++ wrapper, :func:`cpp_wrapper_default`.
 """
 
 from __future__ import annotations
@@ -93,3 +93,21 @@ _L2_CACHE_BYTES = l2_cache_bytes_in("/sys/devices/system/cpu/cpu0/cache")
 def l2_cache_bytes() -> int | None:
     """One core's L2 cache in bytes (Linux; the first CPU's), or None where it cannot be read (read at import)."""
     return _L2_CACHE_BYTES
+
+
+def cpp_wrapper_pays(vendor: str | None) -> bool:
+    """Whether compiled layer graphs (``memory/compiled_steps.py``) take inductor's C++ wrapper on a CPU of
+    ``vendor`` (``lscpu``'s vendor id). The Python wrapper makes a few hundred calls per 16-token segment's layer
+    call, at about 3.5 us each on an Intel Xeon, where HOPE tiny's compiled training step ran 1.04-1.06x faster with
+    the C++ wrapper (2 threads passive, 1 thread; T = 512, alternating in one process). On an AMD EPYC, whose small
+    calls cost about 1.3 us, it ran 0.91x (separate processes; its small chunk inverses were still LAPACK solves,
+    which the C++ wrapper reaches through a slower fallback). Other CPUs are unmeasured."""
+    return vendor == "GenuineIntel"
+
+
+_CPP_WRAPPER = cpp_wrapper_pays(cpu_vendor())
+
+
+def cpp_wrapper_default() -> bool:
+    """:func:`cpp_wrapper_pays` for this machine (read at import)."""
+    return _CPP_WRAPPER
