@@ -121,5 +121,5 @@ def chain_read(form: LevelForm, x: torch.Tensor, weights, sink: ChainSink | None
         return _ChainRead.apply(form, sink, x, *weights)
     y = x
     for w in weights:
-        y = y + form.branch(y, w)[0]
+        y = y + form.branch(y, w, keep=False)[0]
     return y

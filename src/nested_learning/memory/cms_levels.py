@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 LEVEL_FORMS = ("gelu", "swiglu")
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class LevelCache(NamedTuple):
@@ -73,9 +74,9 @@ class LevelForm:
         """The factor gradients of 1/2 sum_t ||delta_t - target_t||^2 given ``err = delta - target`` (B, S, d)."""
         raise NotImplementedError
 
-    def branch(self, u: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-        """``delta(u)`` and what :meth:`branch_backward` reads (activations and views of w), computed without
-        autograd bookkeeping of its own."""
+    def branch(self, u: torch.Tensor, w: torch.Tensor, keep: bool = True) -> tuple[torch.Tensor, tuple]:
+        """``delta(u)`` and what :meth:`branch_backward` reads (activations and views of w; nothing when not
+        ``keep``), computed without autograd bookkeeping of its own."""
         raise NotImplementedError
 
     def branch_backward(self, u, saved: tuple, g: torch.Tensor, gw: torch.Tensor | None) -> torch.Tensor:
@@ -98,8 +99,14 @@ class GeluLevel(LevelForm):
         W_up, b_up, W_down, b_down = torch.split(w, self.sizes(), dim=1)
         return W_up.view(B, H, d), b_up, W_down.view(B, d, H), b_down
 
+    def _forward(self, u, w):
+        W_up, b_up, W_down, b_down = self.unpack(w)
+        pre = torch.baddbmm(b_up.unsqueeze(1), u, W_up.transpose(1, 2))
+        h = F.gelu(pre)
+        return torch.baddbmm(b_down.unsqueeze(1), h, W_down.transpose(1, 2)), pre, h, W_up, W_down
+
     def read(self, u, w):
-        delta, (pre, h, _, _) = self.branch(u, w)
+        delta, pre, h, _, _ = self._forward(u, w)
         return LevelCache(u, (pre, delta), (h,))
 
     def weight_grads(self, cache, factor_grads):
@@ -115,15 +122,24 @@ class GeluLevel(LevelForm):
         pre = cache.factors[0]
         return torch.bmm(err, self.unpack(w)[2]) * gelu_grad(pre), err  # back through W_down and the GELU
 
-    def branch(self, u, w):
-        W_up, b_up, W_down, b_down = self.unpack(w)
-        pre = torch.baddbmm(b_up.unsqueeze(1), u, W_up.transpose(1, 2))
-        h = F.gelu(pre)
-        return torch.baddbmm(b_down.unsqueeze(1), h, W_down.transpose(1, 2)), (pre, h, W_up, W_down)
+    def branch(self, u, w, keep=True):
+        delta, pre, h, W_up, W_down = self._forward(u, w)
+        if not keep:
+            return delta, ()
+        if pre.dtype in _HALF:  # gelu_backward multiplies in fp32 and rounds once: kept as autograd would run it
+            return delta, (pre, h, W_up, W_down)
+        # gelu'(pre) kept instead of pre: a training segment goes back through each level twice (its inner gradient
+        # and the outer backward), each time a product with it instead of an erf and an exp per element
+        slope = torch.ops.aten.gelu_backward(torch.ones_like(pre), pre)
+        return delta, (slope, h, W_up, W_down)
 
     def branch_backward(self, u, saved, g, gw):
-        pre, h, W_up, W_down = saved
-        dpre = torch.ops.aten.gelu_backward(torch.bmm(g, W_down), pre)
+        slope_or_pre, h, W_up, W_down = saved
+        dh = torch.bmm(g, W_down)
+        if slope_or_pre.dtype in _HALF:
+            dpre = torch.ops.aten.gelu_backward(dh, slope_or_pre)
+        else:
+            dpre = dh.mul_(slope_or_pre)
         if gw is not None:
             dW_up, db_up, dW_down, db_down = self.unpack(gw)
             torch.bmm(dpre.transpose(1, 2), u, out=dW_up)
@@ -173,11 +189,11 @@ class SwiGLULevel(LevelForm):
         B, H, d = w.shape[0], self.hidden, self.dim
         return w[:, : 2 * H * d].view(B, 2 * H, d)
 
-    def branch(self, u, w):
+    def branch(self, u, w, keep=True):
         H, W_gate_up, W_down = self.hidden, self._gate_up(w), self.unpack(w)[2]
         ga = torch.bmm(u, W_gate_up.transpose(1, 2))
         h = F.silu(ga[..., :H]) * ga[..., H:]
-        return torch.bmm(h, W_down.transpose(1, 2)), (ga, h, W_gate_up, W_down)
+        return torch.bmm(h, W_down.transpose(1, 2)), ((ga, h, W_gate_up, W_down) if keep else ())
 
     def branch_backward(self, u, saved, gd, gw):
         ga, h, W_gate_up, W_down = saved
