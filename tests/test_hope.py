@@ -302,6 +302,20 @@ def test_hope_block_runs_titans_then_the_cms_on_its_output():
         assert (logits - _hope_by_hand(model, ids, wrong)).abs().max() > 1e-3, wrong
 
 
+def _assert_same_training_call(run_a, run_b, atol: float, grad_atol: float) -> dict:
+    """Two (output, parameter gradients) of one training call: the same logits, CMS states and gradients; returns
+    the first run's gradients."""
+    (a, ga), (b, gb) = run_a, run_b
+    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=atol)
+    for sa, sb in zip(a.state.cms, b.state.cms):
+        for wa, wb in zip(sa.weights, sb.weights):
+            torch.testing.assert_close(wb, wa, rtol=0, atol=atol)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=0, atol=grad_atol, msg=n)
+    return ga
+
+
 def test_the_inner_gradients_skip_the_titans_memory_gradients_and_change_nothing(monkeypatch):
     """The levels' inner gradient runs back through layer 1's Titans chunk steps with their memory gradients
     skipped (``inputs_only_gradients``); the inner steps, logits, loss and every parameter gradient are those of the
@@ -329,14 +343,7 @@ def test_the_inner_gradients_skip_the_titans_memory_gradients_and_change_nothing
         runs[skip] = (out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None})
         if skip:
             assert any(modes) and not all(modes)  # the inner passes skip, the outer backward does not
-    (a, ga), (b, gb) = runs[True], runs[False]
-    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
-    for sa, sb in zip(a.state.cms, b.state.cms):
-        for wa, wb in zip(sa.weights, sb.weights):
-            torch.testing.assert_close(wa, wb, rtol=0, atol=0)
-    assert ga.keys() == gb.keys()
-    for n in ga:
-        torch.testing.assert_close(ga[n], gb[n], rtol=0, atol=1e-13, msg=n)
+    _assert_same_training_call(runs[False], runs[True], atol=0, grad_atol=1e-13)
 
 
 @pytest.mark.parametrize("whole_chunk_calls", [False, True])
@@ -355,14 +362,7 @@ def test_hope_with_the_compiled_hand_written_chunk_step_equals_eager(whole_chunk
         expected = backend if whole_chunk_calls else None  # compiled throughout: no fallback to eager
         assert all(b.mixer.whole_chunk_backend == expected for b in m.blocks)
         runs.append((out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
-    (a, ga), (b, gb) = runs
-    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=1e-10)
-    for sa, sb in zip(a.state.cms, b.state.cms):
-        for wa, wb in zip(sa.weights, sb.weights):
-            torch.testing.assert_close(wb, wa, rtol=0, atol=1e-10)
-    assert ga.keys() == gb.keys()
-    for n in ga:
-        torch.testing.assert_close(gb[n], ga[n], rtol=0, atol=1e-9, msg=n)
+    _assert_same_training_call(*runs, atol=1e-10, grad_atol=1e-9)
 
 
 @pytest.mark.parametrize("backend", [None, "aot_eager"])
@@ -380,14 +380,8 @@ def test_hope_with_each_blocks_norms_inside_its_titans_call_equals_the_blocks_as
         out = m(x, labels=y)
         out.loss.backward()
         runs.append((out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
-    (a, ga), (b, gb) = runs
-    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=1e-12)
-    for sa, sb in zip(a.state.cms, b.state.cms):
-        for wa, wb in zip(sa.weights, sb.weights):
-            torch.testing.assert_close(wb, wa, rtol=0, atol=1e-12)
-    assert ga.keys() == gb.keys() and any(".norm1." in n for n in ga) and any(".norm2." in n for n in ga)
-    for n in ga:
-        torch.testing.assert_close(gb[n], ga[n], rtol=0, atol=1e-10, msg=n)
+    grads = _assert_same_training_call(*runs, atol=1e-12, grad_atol=1e-10)
+    assert any(".norm1." in n for n in grads) and any(".norm2." in n for n in grads)
 
 
 def test_meta_mode_with_compiled_titans_runs_the_layer_calls_as_before():
