@@ -58,9 +58,10 @@ def compiled(step, backend: str, small_products: bool = False, cpp_wrapper: bool
     wrapper, ``ops.cpu.cpp_wrapper_pays``)."""
     key = (step, backend, small_products, cpp_wrapper)
     if key not in _CACHE:
-        options = None
-        if backend == "inductor" and (small_products or cpp_wrapper):
-            options = dict((small_products_options() or {}) if small_products else {})
+        options = {}
+        if backend == "inductor":
+            if small_products:
+                options.update(small_products_options() or {})
             if cpp_wrapper:
                 options["cpp_wrapper"] = True
         _CACHE[key] = torch.compile(step, backend=backend, dynamic=False, fullgraph=True, options=options or None)

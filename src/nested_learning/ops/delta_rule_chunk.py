@@ -54,7 +54,7 @@ def unit_lower_inverse_reference(L: torch.Tensor) -> torch.Tensor:
 def unit_lower_inverse_by_squaring(L: torch.Tensor) -> torch.Tensor:
     """(I + tril(L, -1))^{-1} for L: (..., C, C) from products alone, autograd through them: with N = tril(L, -1)
     nilpotent (N^C = 0), (I + N)^{-1} = (I - N)(I + N^2)(I + N^4)...(I + N^(2^k)) up to 2^(k+1) >= C, that is
-    2 log2(C) - 1 products of C x C matrices (7 at C = 16). For compiled graphs: no LAPACK call, which inductor's C++
+    2 (log2(C) - 1) products of C x C matrices (6 at C = 16). For compiled graphs: no LAPACK call, which inductor's C++
     wrapper has no direct binding for, and products the compiler can fuse. Equals ``unit_lower_inverse_reference``
     up to rounding (fp32 error 4e-8 against the solve's 9e-8 for 16 x 16 unit keys)."""
     n = L.shape[-1]
