@@ -95,3 +95,19 @@ def tiny_step_setup(args) -> tuple[int, int, int, list]:
         configs.append(("HOPE compiled", "hope", {"titans_compile": "inductor"}))
     return vocab, T, steps, configs
 
+
+def compare_tiny_models(configs, vocab: int, T: int, steps: int, compare, row) -> list:
+    """For each ``(label, registry name, overrides)`` of :func:`tiny_step_setup`: the tiny preset built from seed 0,
+    ``t = compare(model, x, steps)`` on one fixed batch of ids ``x: (1, T)``, and the line ``row(label, t)`` printed;
+    returns the ``(label, t)`` pairs."""
+    from nested_learning.models import build_model
+
+    x = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for label, name, overrides in configs:
+        torch.manual_seed(0)
+        t = compare(build_model(name, "tiny", vocab_size=vocab, **overrides), x, steps)
+        rows.append((label, t))
+        print(row(label, t))
+    return rows
+

@@ -30,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import (  # noqa: E402
     add_tiny_step_arguments,
     alternating_medians,
+    compare_tiny_models,
     machine_line,
     matmul_flops_per_s,
     onednn_matmul_flops_per_s,
     tiny_step_setup,
 )
 
-from nested_learning.models import build_model  # noqa: E402
 from nested_learning.ops.fast_linear import library_products, onednn_preferred, onednn_products  # noqa: E402
 
 
@@ -65,14 +65,10 @@ def main(argv=None) -> list:
           + f"; default here: {'oneDNN' if onednn_preferred() else 'PyTorch'}")
     print(machine_line())
     print(f"{'model':>16} {'oneDNN tok/s':>13} {'PyTorch tok/s':>14} {'speed-up':>9}")
-    x = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0))
-    rows = []
-    for label, name, overrides in configs:
-        torch.manual_seed(0)
-        t = compare(build_model(name, "tiny", vocab_size=vocab, **overrides), x, steps)
-        rows.append((label, t))
-        print(f"{label:>16} {T / t['oneDNN']:13.0f} {T / t['PyTorch']:14.0f} {t['PyTorch'] / t['oneDNN']:8.2f}x")
-    return rows
+    return compare_tiny_models(
+        configs, vocab, T, steps, compare,
+        lambda label, t: f"{label:>16} {T / t['oneDNN']:13.0f} {T / t['PyTorch']:14.0f} {t['PyTorch'] / t['oneDNN']:8.2f}x",
+    )
 
 
 if __name__ == "__main__":

@@ -25,9 +25,13 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import add_tiny_step_arguments, alternating_medians, machine_line, tiny_step_setup  # noqa: E402
-
-from nested_learning.models import build_model  # noqa: E402
+from _timing import (  # noqa: E402
+    add_tiny_step_arguments,
+    alternating_medians,
+    compare_tiny_models,
+    machine_line,
+    tiny_step_setup,
+)
 
 
 def compare(model, x: torch.Tensor, steps: int) -> dict:
@@ -52,16 +56,11 @@ def main(argv=None) -> list:
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, median of {steps} steps each, alternating")
     print(machine_line())
     print(f"{'model':>14} {'fused tok/s':>12} {'op by op tok/s':>15} {'fused / op by op':>17}")
-    x = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0))
-    rows = []
-    for label, name, overrides in configs:
-        if name != "hope":
-            continue
-        torch.manual_seed(0)
-        t = compare(build_model(name, "tiny", vocab_size=vocab, **overrides), x, steps)
-        rows.append((label, t))
-        print(f"{label:>14} {T / t['fused']:12.0f} {T / t['op by op']:15.0f} {t['op by op'] / t['fused']:16.3f}x")
-    return rows
+    return compare_tiny_models(
+        [c for c in configs if c[1] == "hope"], vocab, T, steps, compare,
+        lambda label, t: f"{label:>14} {T / t['fused']:12.0f} {T / t['op by op']:15.0f} "
+                         f"{t['op by op'] / t['fused']:16.3f}x",
+    )
 
 
 if __name__ == "__main__":

@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import (  # noqa: E402
     add_tiny_step_arguments,
     alternating_medians,
+    compare_tiny_models,
     machine_line,
     matmul_flops_per_s,
     tiny_step_setup,
 )
 
-from nested_learning.models import build_model  # noqa: E402
 from nested_learning.training.trainer import autocast_for  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
@@ -62,14 +62,10 @@ def main(argv=None) -> list:
           f"bf16 {matmul_flops_per_s(dtype=torch.bfloat16) / 1e9:.0f} GFLOP/s")
     print(machine_line())
     print(f"{'model':>16} {'fp32 tok/s':>11} {'bf16 tok/s':>11} {'bf16 / fp32':>12}")
-    x = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0))
-    rows = []
-    for label, name, overrides in configs:
-        torch.manual_seed(0)
-        t = compare(build_model(name, "tiny", vocab_size=vocab, **overrides), x, steps)
-        rows.append((label, t))
-        print(f"{label:>16} {T / t['fp32']:11.0f} {T / t['bf16']:11.0f} {t['fp32'] / t['bf16']:11.2f}x")
-    return rows
+    return compare_tiny_models(
+        configs, vocab, T, steps, compare,
+        lambda label, t: f"{label:>16} {T / t['fp32']:11.0f} {T / t['bf16']:11.0f} {t['fp32'] / t['bf16']:11.2f}x",
+    )
 
 
 if __name__ == "__main__":
