@@ -3,7 +3,7 @@ head's, and the Transformer++'s attention and MLP projections over the whole seq
 (``library_products()``), alternating step by step in one process. Which of the two the package takes by default on
 this CPU (``onednn_preferred()``: oneDNN where PyTorch's product is MKL's on an x86 CPU not made by Intel) is printed.
 
-    python benchmarks/bench_head_products.py [--threads 2] [--steps 12] [--T 512] [--no-compile] [--quick]
+    python benchmarks/bench_head_products.py [--threads 2] [--steps 12] [--T 512] [--no-compile] [--quick] [--prepack]
 
 Models: the Transformer++ 'tiny' (its head is most of its step at vocab 32000; its layers' projections over 512 rows
 go through oneDNN too), HOPE 'tiny' eager and with
@@ -12,6 +12,11 @@ fp32, ``model(x, labels=x).loss.backward()``. The two forms alternate step by st
 state; medians of ``--steps`` steps each after two warm-up steps each. Freed memory is kept in the heap, as the
 trainer keeps it. Passive OpenMP waiting unless ``OMP_WAIT_POLICY`` is set. The same-run 1024 x 1024 product through
 each is printed too (PyTorch's fp32 matmul calls MKL, which may take a generic path on CPUs it does not recognise).
+
+``--prepack``: HOPE eager and compiled only, both with the package's default products, with the head reordered once
+per call for its segments' products (``CMSLanguageModel.prepacked_head``, ``fast_linear.prepack``) against reordered
+by oneDNN at every product; an optimizer step after each training step changes the head, as in training, so every
+call reorders it again.
 """
 
 from __future__ import annotations
@@ -52,11 +57,38 @@ def compare(model, x: torch.Tensor, steps: int) -> dict:
                                steps)
 
 
+def compare_prepacked(model, x: torch.Tensor, steps: int) -> dict:
+    """Median seconds of one training step and an SGD step with the head reordered once per call and per product,
+    alternating step by step."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step(prepacked: bool):
+        model.prepacked_head = prepacked
+        model.zero_grad(set_to_none=True)
+        model(x, labels=x).loss.backward()
+        opt.step()
+
+    return alternating_medians({"once": lambda: step(True), "per product": lambda: step(False)}, steps)
+
+
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_tiny_step_arguments(p)
+    p.add_argument("--prepack", action="store_true", help="HOPE's head reordered once per call vs per product")
     args = p.parse_args(argv)
     vocab, T, steps, configs = tiny_step_setup(args)
+    if args.prepack:
+        print(f"HOPE training step, tiny preset, vocab {vocab}, T = {T}, batch 1, fp32, {args.threads} thread(s), "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, median of {steps} steps each, alternating; the "
+              f"head reordered for its segments' products once per call or at every product (oneDNN: "
+              f"{'the default here' if onednn_preferred() else 'not the default here, so both run alike'})")
+        print(machine_line())
+        print(f"{'model':>16} {'once tok/s':>11} {'per product':>12} {'speed-up':>9}")
+        return compare_tiny_models(
+            [c for c in configs if c[1] == "hope"], vocab, T, steps, compare_prepacked,
+            lambda label, t: f"{label:>16} {T / t['once']:11.0f} {T / t['per product']:12.0f}"
+                             f" {t['per product'] / t['once']:8.2f}x",
+        )
     onednn = onednn_matmul_flops_per_s()
     print(f"training step, tiny presets, vocab {vocab}, T = {T}, batch 1, fp32, {args.threads} thread(s), "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, median of {steps} steps each, alternating; "

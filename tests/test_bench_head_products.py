@@ -13,3 +13,10 @@ def test_quick_run_times_both_products(capsys):
     assert [label for label, _ in rows] == ["Transformer++", "HOPE eager"]
     assert all(set(t) == {"oneDNN", "PyTorch"} and min(t.values()) > 0 for _, t in rows)
     assert "speed-up" in capsys.readouterr().out
+
+
+def test_quick_run_times_the_head_reordered_once_and_per_product(capsys):
+    rows = bench_head_products.main(["--quick", "--threads", "1", "--prepack"])
+    assert [label for label, _ in rows] == ["HOPE eager"]
+    assert all(set(t) == {"once", "per product"} and min(t.values()) > 0 for _, t in rows)
+    assert "reordered" in capsys.readouterr().out

@@ -202,3 +202,50 @@ def test_the_default_follows_this_cpu(monkeypatch):
             assert not fl.onednn_applies(x, w)
         with fl.onednn_products():
             assert fl.onednn_applies(x, w) is (fl._kernel() is not None)
+
+
+@needs_onednn
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_prepacked_weight_gives_the_same_product(transposed):
+    """The weight reordered once (``prepack``) gives the product of the weight as it is, to rounding, for as many
+    rows as it was made for and for fewer (a call's last, partial segment); a transposed view is reordered too."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(300, 40, generator=gen)
+    w = w.t() if transposed else w  # (40, 300) as a view: the head's transpose for softmax @ W
+    with fl.onednn_products():
+        packed = fl.prepack(w, 16)
+        assert packed is not None and packed.fits(w)
+        for rows in (16, 3):
+            x = torch.randn(rows, w.shape[1], generator=gen)
+            exact = x.double() @ w.double().t()
+            err = (fl.linear(x, w, packed).double() - exact).abs().max().item()
+            assert err <= 4 * (x @ w.t() - exact).abs().max().item() + 1e-6 * exact.abs().max().item()
+
+
+@needs_onednn
+def test_a_prepacked_weight_is_not_used_once_the_weight_changes():
+    """After an in-place change (an optimizer's step bumps the version counter), and for another tensor or another
+    view of the same storage, the reordered copy no longer fits, and the product takes the weight as it is now."""
+    gen = torch.Generator().manual_seed(6)
+    w = torch.nn.Parameter(torch.randn(50, 8, generator=gen))
+    x = torch.randn(4, 8, generator=gen)
+    with fl.onednn_products():
+        packed = fl.prepack(w.detach(), 4)
+        assert packed.fits(w) and packed.fits(w.detach())  # views share the version counter
+        with torch.no_grad():
+            w.add_(1.0)
+        assert not packed.fits(w)
+        torch.testing.assert_close(fl.linear(x, w, packed), x @ w.detach().t(), rtol=1e-5, atol=1e-5)
+        assert not packed.fits(w.detach().clone())
+        assert not packed.fits(w.detach()[:25])
+
+
+def test_prepack_is_none_where_the_product_is_not_onednns():
+    w = torch.randn(20, 8)
+    with fl.library_products():
+        assert fl.prepack(w, 4) is None
+    with fl.onednn_products():
+        assert fl.prepack(w.double(), 4) is None
+        assert fl.prepack(w, 0) is None
+    x = torch.randn(3, 8)
+    assert torch.equal(fl.linear(x, w, None), fl.linear(x, w))

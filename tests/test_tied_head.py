@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nested_learning.models import build_model, tied_head
 from nested_learning.models.tied_head import SegmentedHead, TiedHead, softmax_into
+from nested_learning.ops import fast_linear
 
 
 def _plain(h, W, labels, g_logits=None):
@@ -71,3 +73,61 @@ def test_segmented_head_keeps_logits_and_softmax_of_every_segment(batch):
     torch.testing.assert_close(logits, (h @ W.T).detach(), rtol=0, atol=1e-12)
     expected = F.cross_entropy((h @ W.T).reshape(-1, W.shape[0]), labels.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(fast_linear._kernel() is None, reason="this PyTorch has no oneDNN linear kernel")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_head_reordered_once_per_call_gives_the_same_steps(batch, monkeypatch):
+    """HOPE with its head reordered once per call for the segments' products (``prepacked_head``) against reordering
+    per product: the same loss, logits and gradients in training, and the same logits in a no-grad stream whose CMS
+    levels learn (where ``softmax @ W`` serves the inner gradient alone). The reordered copies are made and used
+    only in the first form, and only for calls of enough segments."""
+    monkeypatch.setattr(tied_head, "PREPACK_MIN_SEGMENTS", 3)
+    made = []
+
+    def spy(w, rows):
+        packed = fast_linear.prepack(w, rows)
+        made.append((tuple(w.shape), rows, packed is not None))
+        return packed
+
+    monkeypatch.setattr(tied_head, "prepack", spy)
+    kernel, blocked = fast_linear._kernel(), []
+
+    def counting(x, w, *args):
+        blocked.append(w.is_mkldnn)  # the reordered copy is a oneDNN tensor
+        return kernel(x, w, *args)
+
+    monkeypatch.setitem(fast_linear._KERNEL, "fn", counting)
+    gen = torch.Generator().manual_seed(7)
+    x, stream = torch.randint(0, 300, (batch, 48), generator=gen), torch.randint(0, 300, (batch, 96), generator=gen)
+    results = {}
+    for prepacked in (False, True):
+        torch.manual_seed(0)
+        model = build_model("hope", "tiny", vocab_size=300)
+        model.prepacked_head = prepacked
+        made.clear()
+        blocked.clear()
+        with fast_linear.onednn_products():
+            out = model(x, labels=x)
+            out.loss.backward()
+            train_packs = list(made)
+            model.eval()
+            with torch.no_grad():
+                first = model(stream[:, :40])  # 2 full segments: below the minimum, not reordered
+                short_packs = len(made) - len(train_packs)
+                second = model(stream[:, 40:], state=first.state)  # 4 segments with the 8 pending tokens
+                stream_packs = made[len(train_packs):]
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results[prepacked] = (out.loss.detach(), out.logits.detach(), first.logits, second.logits, *grads)
+        if prepacked:
+            d = model.dim
+            both = [((300, d), 16 * batch, True), ((d, 300), 16 * batch, True)]
+            assert train_packs == both and stream_packs == both
+            assert short_packs == 0
+            # per training segment: logits and softmax @ W (3 segments); per stream segment of the second call: the
+            # logits, and softmax @ W for the inner gradient of each full one (4)
+            assert sum(blocked) == 3 * 2 + 4 * 2
+        else:
+            assert made == [] and not any(blocked)
+    for a, b in zip(results[False], results[True]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -56,8 +56,7 @@ from nested_learning.models.base import LanguageModel, ModelOutput, check_input_
 from nested_learning.models.layers import RMSNorm
 from nested_learning.models.state_checks import check_cms_lm_call
 from nested_learning.models.tied_head import SegmentedHead
-from nested_learning.ops.fast_linear import linear
-from nested_learning.ops.threads import BackwardOnOneThread, one_thread_if_threads_sleep
+from nested_learning.ops.threads import BackwardOnOneThread, caller_threads, one_thread_if_threads_sleep
 
 OBJECTIVES = ("lm", "next_input")
 
@@ -110,10 +109,16 @@ class CMSLanguageModel(LanguageModel):
     the block's ``x + mixer(norm1(x))`` and ``norm2`` of that in one call, inside its compiled graph when its layer
     calls are compiled (HOPE tiny's compiled training step 1.03-1.05x, docs/results/bench_hope_phases.md); False
     runs them op by op (the reference, equal to rounding).
+
+    ``prepacked_head`` (default True): where the head's products go through oneDNN (``ops/fast_linear.py``, on x86
+    CPUs not made by Intel), a call of at least ``tied_head.PREPACK_MIN_SEGMENTS`` segments reorders the head once
+    for its segments' products instead of once per product (HOPE tiny's training step 1.05-1.08x,
+    docs/results/bench_head_products.md); False reorders per product (equal to rounding).
     """
 
     fused_cms_read: bool = True
     fused_mixer_residual: bool = True
+    prepacked_head: bool = True
 
     def __init__(
         self,
@@ -227,7 +232,7 @@ class CMSLanguageModel(LanguageModel):
         "lm": the loss's gradient at the final hidden state, dL/dh_t = (softmax_t - onehot(x_{t+1})) W (zero for the
         segment's last token), written out as softmax @ W - W[x_{t+1}] because (S, V) @ (V, d) with the head as
         stored is a fast GEMM and the softmax buffer is then left as it is (the outer backward reuses it; ``probs_W``,
-        when the head already took that product for the outer backward, time-major ``(S-1, B, d)``); then one
+        that product as the segmented head took it, time-major ``(S-1, B, d)``, outside meta mode); then one
         ``autograd.grad`` call from h to every level's pre-activation and branch output OF THIS SEGMENT
         (intermediate tensors, so the state at the segment start is held fixed and nothing else is computed). The
         weight gradients follow from these factors (``ContinuumMemorySystem.weight_grads``). A fused read
@@ -239,13 +244,7 @@ class CMSLanguageModel(LanguageModel):
                 for b, c, cs in zip(self.blocks, caches, cms)
             ]
         with torch.set_grad_enabled(meta):  # probs: softmax at positions 0..S-2 of the segment
-            if meta:  # (B, S-1, V) with graph
-                dh = probs.to(W.dtype) @ W
-            elif probs_W is not None:
-                dh = probs_W.transpose(0, 1)
-            else:  # time-major (S-1, B, V): one plain product
-                rows = probs.to(W.dtype).reshape(-1, probs.shape[-1])
-                dh = linear(rows, W.t()).view(*probs.shape[:-1], -1).transpose(0, 1)
+            dh = probs.to(W.dtype) @ W if meta else probs_W.transpose(0, 1)  # meta: (B, S-1, V) with graph
             dh = F.pad(dh - F.embedding(ids[:, 1:], W), (0, 0, 0, 1))  # (softmax - onehot(x_{t+1})) W
         # a fused read (ChainRead) puts its levels' weight gradients in its sink when asked for its input's gradient
         reads = [c for c in caches if isinstance(c, ChainRead)]
@@ -315,7 +314,8 @@ class CMSLanguageModel(LanguageModel):
         # the backward is the segment loop's small ops in reverse: one thread too (restored when the pass ends)
         backward_span = BackwardOnOneThread(W)
         x_all = self.embed(ids)
-        head = SegmentedHead(ids.shape, W, direct, keep_probs=direct and outer and labels is not None)
+        head = SegmentedHead(ids.shape, W, direct, keep_probs=direct and outer and labels is not None,
+                             segment=C if self.prepacked_head else None)
         mixers, cms, start, position = list(state.mixers), list(state.cms), 0, state.position
         # segment after segment of small ops: on one thread when idle threads sleep (the head takes them back);
         # meta mode differentiates the mixers' backward again, which compiled layer calls do not support
@@ -332,9 +332,11 @@ class CMSLanguageModel(LanguageModel):
                     grads = None
                     if inner:
                         Wi = W if meta else W.detach()
-                        grads = self._inner_grads(
-                            probs, ids[:, a:b], h, Wi, caches, cms, outer, meta, head.probs_W_block(a, b - 1)
-                        )
+                        probs_W = head.probs_W_block(a, b - 1)
+                        if probs_W is None and direct and self.objective == "lm":  # not kept: taken here
+                            with caller_threads():
+                                probs_W = head.softmax_W(probs)
+                        grads = self._inner_grads(probs, ids[:, a:b], h, Wi, caches, cms, outer, meta, probs_W)
                 if not outer:
                     new_mixers = [m.detach() for m in new_mixers]
                 if ends_on_boundary:  # the state here is the new snapshot; levels whose chunk ends here take their step

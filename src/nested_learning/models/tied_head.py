@@ -17,6 +17,11 @@ The product ``softmax @ W`` is likewise taken once per position. The CMS levels'
 segment (``dL/dh = softmax @ W - W[next token]``) and the outer backward needs it for every position (times the
 loss's per-position scale), so while training with labels each segment writes it into a ``(T, B, d)`` buffer that
 both read: one (T, V) x (V, d) GEMM per call instead of two, the second the size of the whole head.
+
+Where the products go through oneDNN (``ops/fast_linear.py``), a call of at least ``PREPACK_MIN_SEGMENTS`` segments
+reorders the head once for each of the two per-segment products (``fast_linear.prepack``) instead of once per
+product: HOPE tiny's training step 1.05-1.08x at T = 512 on the AMD machine, 0.998x at T = 128 (8 segments), where
+the two reorders (a transposing copy of the head for ``softmax @ W``) cost as much as they save.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nested_learning.ops.fast_linear import linear
+from nested_learning.ops.fast_linear import linear, prepack
 from nested_learning.ops.threads import caller_threads
 
 
@@ -104,14 +109,20 @@ class TiedHead(torch.autograd.Function):
         return dh, dW, None, None, None, None, None
 
 
+# the fewest segments a call runs for the head to be reordered for them (see the module docstring)
+PREPACK_MIN_SEGMENTS = 16
+
+
 class SegmentedHead:
     """Collects the logits of a call's segments; ``shape = (B, L)`` of the ids run (pending tokens included).
 
     ``direct``: logits without graph into one buffer (first-order training and no-grad use); ``keep_probs``: keep
     every position's softmax and its product with the head, ``softmax @ W``, for the outer backward (direct training
-    with labels). Otherwise (meta) per-segment logits with graph and a per-segment log-softmax."""
+    with labels). Otherwise (meta) per-segment logits with graph and a per-segment log-softmax. ``segment``: the
+    segment length; given, and with at least ``PREPACK_MIN_SEGMENTS`` of them in the call, the direct products take
+    the head reordered once for them (see the module docstring)."""
 
-    def __init__(self, shape, W: torch.Tensor, direct: bool, keep_probs: bool = False):
+    def __init__(self, shape, W: torch.Tensor, direct: bool, keep_probs: bool = False, segment: int | None = None):
         self.W, self.direct = W, direct
         B, L = shape
         V = W.shape[0]
@@ -119,7 +130,27 @@ class SegmentedHead:
         self.probs = W.new_empty(L, B, V) if direct and keep_probs else None
         self.probs_W = W.new_empty(L, B, W.shape[1]) if self.probs is not None else None
         self.scratch = None
+        # rows of one segment's products, where the head is worth reordering for them; the reordered heads for
+        # h W^T and for softmax @ W, made on first use (inside a segment, so that the reorder takes every thread)
+        self._prepack_rows = B * segment if direct and segment and L >= PREPACK_MIN_SEGMENTS * segment else None
+        self._packs: dict[bool, object] = {}
         self.h, self.lse, self.logits, self.logp = [], [], [], []
+
+    def _pack(self, transposed: bool):
+        """The head (``transposed``: its transpose, for ``softmax @ W``) reordered for this call's segments, or
+        None where that does not pay or apply."""
+        if self._prepack_rows is None:
+            return None
+        if transposed not in self._packs:
+            W = self.W.detach()
+            self._packs[transposed] = prepack(W.t() if transposed else W, self._prepack_rows)
+        return self._packs[transposed]
+
+    def softmax_W(self, p: torch.Tensor) -> torch.Tensor:
+        """``p @ W`` for a direct-mode softmax block ``p: (S, B, V)`` (time-major), ``(S, B, d)``."""
+        S, B, V = p.shape
+        with torch.autocast(p.device.type, enabled=False):
+            return linear(p.reshape(S * B, V), self.W.detach().t(), self._pack(True)).view(S, B, -1)
 
     def _probs_block(self, a: int, b: int) -> torch.Tensor:
         """Where the softmax of positions a..b-1 goes: (b-a, B, V), contiguous."""
@@ -148,19 +179,18 @@ class SegmentedHead:
                 with torch.autocast(h.device.type, enabled=False):  # the buffers have the head's dtype
                     # one 2-D product (oneDNN where it applies, ops/fast_linear.py), copied into the buffers
                     if B == 1:  # time-major and batch-major blocks coincide: one pass writes their softmax
-                        z = linear(hd.reshape(S, -1), Wt.t())
+                        z = linear(hd.reshape(S, -1), Wt.t(), self._pack(False))
                         logits.view(S, V).copy_(z)
                         lse = softmax_into(p, z.view(S, 1, V)).transpose(0, 1)
                     else:
-                        p.view(S * B, V).copy_(linear(hd.transpose(0, 1).reshape(S * B, -1), Wt.t()))
+                        p.view(S * B, V).copy_(linear(hd.transpose(0, 1).reshape(S * B, -1), Wt.t(), self._pack(False)))
                         logits.copy_(p.transpose(0, 1))
                         lse = softmax_into(p).transpose(0, 1)
                 if self.probs_W is not None:
-                    with torch.autocast(h.device.type, enabled=False):
-                        self.probs_W[a:b].view(S * B, -1).copy_(linear(p.view(S * B, V), self.W.detach().t()))
+                    self.probs_W[a:b].copy_(self.softmax_W(p))
             else:
                 with torch.autocast(h.device.type, enabled=False):
-                    logits.copy_(linear(hd.reshape(-1, hd.shape[-1]), Wt.t()).view_as(logits))
+                    logits.copy_(linear(hd.reshape(-1, hd.shape[-1]), Wt.t(), self._pack(False)).view_as(logits))
                 lse, p = torch.logsumexp(logits, dim=-1), None
             self.h.append(h)
             self.lse.append(lse)
