@@ -112,8 +112,8 @@ class CMSLanguageModel(LanguageModel):
 
     ``prepacked_head`` (default True): where the head's products go through oneDNN (``ops/fast_linear.py``, on x86
     CPUs not made by Intel), a call of at least ``tied_head.PREPACK_MIN_SEGMENTS`` segments reorders the head once
-    for its segments' products instead of once per product (HOPE tiny's training step 1.05-1.08x,
-    docs/results/bench_head_products.md); False reorders per product (equal to rounding).
+    for its segments' products instead of once per product (HOPE tiny's compiled training step 1.02-1.08x on an
+    AMD EPYC, docs/results/bench_head_products.md); False reorders per product (equal to rounding).
     """
 
     fused_cms_read: bool = True

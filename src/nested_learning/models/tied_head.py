@@ -20,8 +20,9 @@ both read: one (T, V) x (V, d) GEMM per call instead of two, the second the size
 
 Where the products go through oneDNN (``ops/fast_linear.py``), a call of at least ``PREPACK_MIN_SEGMENTS`` segments
 reorders the head once for each of the two per-segment products (``fast_linear.prepack``) instead of once per
-product: HOPE tiny's training step 1.05-1.08x at T = 512 on the AMD machine, 0.998x at T = 128 (8 segments), where
-the two reorders (a transposing copy of the head for ``softmax @ W``) cost as much as they save.
+product: HOPE tiny's compiled training step 1.02-1.08x at T = 512 on an AMD EPYC, 1.04x at T = 256 and 0.998x at
+T = 128 (8 segments), where the two reorders (for ``softmax @ W`` a transposing copy of the head first) cost as much
+as they save.
 """
 
 from __future__ import annotations

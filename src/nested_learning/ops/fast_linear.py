@@ -143,8 +143,8 @@ class Prepacked:
 
     Why: without it oneDNN reorders the weight on every call. The HOPE segment head's two products with the tied
     weight ((16 x 128) by (128 x 32000) and (16 x 32000) by (32000 x 128)) run 32 times in a 512-token call, each
-    streaming 16 MB; reordered once per call, HOPE tiny's training step ran 1.05-1.08x faster at T=512 and 1.07x at
-    T=2048 on the AMD EPYC machine (docs/results/bench_head_products.md)."""
+    streaming 16 MB; reordered once per call, HOPE tiny's training step ran 1.02-1.08x faster at T=512 and
+    1.04-1.07x at T=2048 on the AMD EPYC machine (docs/results/bench_head_products.md)."""
 
     __slots__ = ("blocked", "_source")
 
