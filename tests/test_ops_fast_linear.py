@@ -249,3 +249,11 @@ def test_prepack_is_none_where_the_product_is_not_onednns():
         assert fl.prepack(w, 0) is None
     x = torch.randn(3, 8)
     assert torch.equal(fl.linear(x, w, None), fl.linear(x, w))
+
+
+def test_an_inference_tensor_is_not_prepacked():
+    """It has no version counter, so an in-place change could not be told: its products take it as it is."""
+    with torch.inference_mode():
+        w = torch.randn(20, 8)
+        with fl.onednn_products():
+            assert fl.prepack(w, 4) is None

@@ -153,7 +153,7 @@ class Prepacked:
 
     def fits(self, w: torch.Tensor) -> bool:
         """Whether this is ``w``'s reordered copy, ``w`` unchanged since."""
-        return _identity(w) == self._source
+        return not w.is_inference() and _identity(w) == self._source
 
 
 def prepack(w: torch.Tensor, rows: int) -> Prepacked | None:
@@ -161,7 +161,8 @@ def prepack(w: torch.Tensor, rows: int) -> Prepacked | None:
     :func:`linear` would not take oneDNN's kernel for such products, or this PyTorch cannot reorder. Costs about a
     copy of ``w`` (more for a transposed view, which is copied first), so it pays where ``w`` meets many products."""
     reorder = _reorder_op()
-    if reorder is None or rows < 1 or not onednn_applies(w.new_empty(rows, w.shape[-1]), w):
+    # an inference tensor has no version counter to tell an in-place change by
+    if reorder is None or rows < 1 or w.is_inference() or not onednn_applies(w.new_empty(rows, w.shape[-1]), w):
         return None
     source = _identity(w)
     try:
