@@ -111,3 +111,24 @@ def compare_tiny_models(configs, vocab: int, T: int, steps: int, compare, row) -
         print(row(label, t))
     return rows
 
+
+
+def compare_model_switch(model, x: torch.Tensor, steps: int, attr: str, labels: tuple[str, str],
+                         sgd_lr: float | None = None) -> dict:
+    """Median seconds of one training step ``model(x, labels=x).loss.backward()`` with the model's boolean switch
+    ``attr`` on (``labels[0]``) and off (``labels[1]``), alternating step by step (:func:`alternating_medians`);
+    with ``sgd_lr`` an SGD step after each, so that every step meets changed weights, as in training. The switch is
+    left on."""
+    opt = torch.optim.SGD(model.parameters(), lr=sgd_lr) if sgd_lr is not None else None
+
+    def step(on: bool):
+        setattr(model, attr, on)
+        model.zero_grad(set_to_none=True)
+        model(x, labels=x).loss.backward()
+        if opt is not None:
+            opt.step()
+
+    try:
+        return alternating_medians({labels[0]: lambda: step(True), labels[1]: lambda: step(False)}, steps)
+    finally:
+        setattr(model, attr, True)

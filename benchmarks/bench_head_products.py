@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import (  # noqa: E402
     add_tiny_step_arguments,
     alternating_medians,
+    compare_model_switch,
     compare_tiny_models,
     machine_line,
     matmul_flops_per_s,
@@ -60,15 +61,7 @@ def compare(model, x: torch.Tensor, steps: int) -> dict:
 def compare_prepacked(model, x: torch.Tensor, steps: int) -> dict:
     """Median seconds of one training step and an SGD step with the head reordered once per call and per product,
     alternating step by step."""
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-
-    def step(prepacked: bool):
-        model.prepacked_head = prepacked
-        model.zero_grad(set_to_none=True)
-        model(x, labels=x).loss.backward()
-        opt.step()
-
-    return alternating_medians({"once": lambda: step(True), "per product": lambda: step(False)}, steps)
+    return compare_model_switch(model, x, steps, "prepacked_head", ("once", "per product"), sgd_lr=1e-4)
 
 
 def main(argv=None) -> list:

@@ -18,7 +18,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first import of torch
 
 import argparse  # noqa: E402
-import functools  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -27,7 +26,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import (  # noqa: E402
     add_tiny_step_arguments,
-    alternating_medians,
+    compare_model_switch,
     compare_tiny_models,
     machine_line,
     tiny_step_setup,
@@ -36,15 +35,7 @@ from _timing import (  # noqa: E402
 
 def compare(model, x: torch.Tensor, steps: int) -> dict:
     """Median seconds of one training step with each form, alternating step by step."""
-    def step(fused: bool):
-        model.fused_mixer_residual = fused
-        model.zero_grad(set_to_none=True)
-        model(x, labels=x).loss.backward()
-
-    times = alternating_medians({"fused": functools.partial(step, True), "op by op": functools.partial(step, False)},
-                                steps)
-    model.fused_mixer_residual = True
-    return times
+    return compare_model_switch(model, x, steps, "fused_mixer_residual", ("fused", "op by op"))
 
 
 def main(argv=None) -> list:
